@@ -1,0 +1,25 @@
+"""ControlNeXt in plain torch: encoders, layout detection and the cross-norm injection.
+
+Imports nothing from ComfyUI, so scripts and tests can use it on their own.
+"""
+from .cross_norm import add_control, control_term, cross_normalize
+from .errors import ControlNeXtError
+from .families import FAMILIES, RULES, InjectionRule, detect_layout, injection_block, rule_for
+from .model import ControlNeXt, inject, load_controlnext, load_state_dict_file
+
+__all__ = [
+    "ControlNeXt",
+    "ControlNeXtError",
+    "FAMILIES",
+    "InjectionRule",
+    "RULES",
+    "add_control",
+    "control_term",
+    "cross_normalize",
+    "detect_layout",
+    "inject",
+    "injection_block",
+    "load_controlnext",
+    "load_state_dict_file",
+    "rule_for",
+]

@@ -1,0 +1,134 @@
+"""The one table of (model family, encoder layout) facts, and layout detection.
+
+Spec §2: the file alone does not say where it goes; its layout and the target model's family
+together decide the injection point, the order of pooling and normalising, eps, the family
+constant and which CFG halves get control.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+from . import encoders
+from .errors import ControlNeXtError
+
+FAMILIES = ("sd15", "sdxl", "svd")
+FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL", "svd": "Stable Video Diffusion"}
+LAYOUTS = ("base", "mid", "svd_v1")
+
+
+@dataclass(frozen=True)
+class InjectionRule:
+    family: str
+    layout: str
+    point: str  # where in the UNet: see ``injection_block``
+    pool_first: bool  # pool the control to h's size before normalising (else after)
+    eps: float
+    factor: float  # the family constant k
+    uncond: str  # what the uncond half gets: "same", "none", or "v1" (sigmoid(0)*1.3)
+    encoder: encoders.EncoderConfig
+
+
+RULES: dict[tuple[str, str], InjectionRule] = {
+    ("sd15", "mid"): InjectionRule("sd15", "mid", "after_middle", True, 1e-12, 1.0, "same", encoders.MID),
+    ("sd15", "base"): InjectionRule("sd15", "base", "after_first_down", True, 1e-12, 1.0, "same", encoders.BASE),
+    ("sdxl", "base"): InjectionRule("sdxl", "base", "after_conv_in", False, 1e-12, 1.0, "same", encoders.BASE),
+    ("svd", "base"): InjectionRule("svd", "base", "after_first_down", False, 1e-5, 0.2, "none", encoders.BASE_SVD),
+    ("svd", "svd_v1"): InjectionRule("svd", "svd_v1", "before_middle", False, 1e-5, 1.0, "v1", encoders.SVD_V1),
+}
+
+# Without a family hint, what a layout most likely serves (the published releases).
+DEFAULT_FAMILY = {"mid": "sd15", "base": "sdxl", "svd_v1": "svd"}
+# For ``inject`` without a layout: the published releases of each family.
+DEFAULT_LAYOUT = {"sd15": "mid", "sdxl": "base", "svd": "base"}
+
+LAYOUT_DESCRIPTIONS = {
+    "base": '"base" layout (320 channels: SDXL releases, SVD-v2, SD1.5 training code)',
+    "mid": '"mid" layout (1280 channels: SD1.5 releases)',
+    "svd_v1": '"SVD v1" layout (1280 channels with GroupNorm)',
+}
+
+
+def rule_for(family: str, layout: str) -> InjectionRule:
+    if family not in FAMILIES:
+        raise ControlNeXtError(
+            f"Unsupported model family {family!r}: ControlNeXt exists for "
+            f"{', '.join(FAMILY_NAMES[f] for f in FAMILIES)} ({', '.join(FAMILIES)})."
+        )
+    rule = RULES.get((family, layout))
+    if rule is None:
+        served = sorted(FAMILY_NAMES[f] for f, lay in RULES if lay == layout)
+        raise ControlNeXtError(
+            f"This ControlNeXt file has the {LAYOUT_DESCRIPTIONS[layout]}, which cannot serve a "
+            f"{FAMILY_NAMES[family]} model; it serves {' or '.join(served)}. "
+            f"Use a ControlNeXt release made for {FAMILY_NAMES[family]}, or a {' or '.join(served)} model."
+        )
+    return rule
+
+
+def injection_block(rule: InjectionRule, num_res_blocks: list[int]) -> tuple[str, int]:
+    """The UNet block whose output gets the control, as ComfyUI names blocks.
+
+    Counted from the UNet's own config, so the point stays right for fine-tunes with other
+    depths (the real SD1.5/SDXL/SVD UNets give ("input", 3), ("input", 0), ("input", 11)).
+    """
+    if rule.point == "after_conv_in":
+        return ("input", 0)
+    if rule.point == "after_first_down":
+        return ("input", num_res_blocks[0] + 1)
+    if rule.point == "before_middle":
+        return ("input", sum(num_res_blocks) + len(num_res_blocks) - 1)
+    if rule.point == "after_middle":
+        return ("output", 0)
+    raise AssertionError(rule.point)
+
+
+def _describe_foreign(keys: list[str]) -> str:
+    joined = " ".join(keys[:200])
+    if any(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")) for k in keys):
+        return "a full Stable Diffusion checkpoint"
+    if "lora" in joined.lower():
+        return "a LoRA"
+    if any(k.startswith(("control_model.", "controlnet_cond_embedding.", "input_hint_block.", "zero_convs."))
+           or "controlnet_down_blocks" in k for k in keys):
+        return "an ordinary ControlNet"
+    if any(k.startswith(("down_blocks.", "up_blocks.", "mid_block.", "input_blocks.", "output_blocks."))
+           for k in keys):
+        return "UNet weights (ControlNeXt releases ship these beside the encoder: load them with "\
+               "'Load ControlNeXt UNet Weights')"
+    return "not a ControlNeXt condition encoder"
+
+
+def detect_layout(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Which official encoder layout a state dict holds, from key names and shapes."""
+    keys = list(state_dict.keys())
+    if not keys:
+        raise ControlNeXtError("The ControlNeXt file is empty: it holds no tensors. Download it again.")
+
+    def shape(key: str) -> tuple[int, ...] | None:
+        value = state_dict.get(key)
+        return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+    out = shape("mid_convs.1.weight")
+    if out is None or shape("time_embedding.linear_1.weight") is None:
+        raise ControlNeXtError(
+            f"This file is {_describe_foreign(keys)}, not a ControlNeXt condition encoder "
+            f"(found {len(keys)} tensors, first keys: {', '.join(keys[:3])}; expected keys such as "
+            f"'time_embedding.linear_1.weight' and 'mid_convs.1.weight'). "
+            f"Load the encoder file of a ControlNeXt release (often named controlnet.safetensors)."
+        )
+    has_embedding = shape("embedding.0.weight") is not None
+    if out[:1] == (320,) and has_embedding:
+        return "base"
+    if out[:1] == (1280,) and has_embedding:
+        return "svd_v1"
+    if out[:1] == (1280,) and shape("down_res.0.conv1.weight") is not None:
+        return "mid"
+    raise ControlNeXtError(
+        f"Unrecognised ControlNeXt encoder: final conv 'mid_convs.1.weight' has shape {list(out)} "
+        f"and 'embedding.0.weight' is {'present' if has_embedding else 'absent'}; the official layouts "
+        f"have 320 output channels with an embedding (base), 1280 without (SD1.5) or 1280 with (SVD v1). "
+        f"The file may be truncated or from another project."
+    )

@@ -1,0 +1,198 @@
+"""Loading official ControlNeXt files into a ``ControlNeXt`` object (plain torch)."""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from typing import Mapping
+
+import torch
+from torch.nn import functional as F
+
+from . import families
+from .cross_norm import add_control
+from .encoders import ConditionEncoder
+from .errors import ControlNeXtError
+from .families import InjectionRule
+
+log = logging.getLogger("ControlNeXt")
+
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
+    """Read a weights file on the CPU without ever running code from it.
+
+    safetensors are read as data; pickles only with ``torch.load(weights_only=True)``, which
+    refuses anything but tensors and plain containers.
+    """
+    name = os.path.basename(path)
+    if not os.path.isfile(path):
+        raise ControlNeXtError(f"ControlNeXt file not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise ControlNeXtError(f"'{name}' is an empty file (0 bytes): the download failed; download it again.")
+    lower = name.lower()
+    if lower.endswith(SAFETENSORS_SUFFIXES):
+        import safetensors.torch
+
+        try:
+            state_dict = safetensors.torch.load_file(path, device="cpu")
+        except Exception as error:  # safetensors raises its own error types for corrupt headers
+            raise ControlNeXtError(
+                f"'{name}' is not a readable safetensors file ({error}); it is probably truncated or corrupt: "
+                f"download it again."
+            ) from None
+    elif lower.endswith(PICKLE_SUFFIXES):
+        try:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise ControlNeXtError(
+                f"Refused to load '{name}': it is a pickle holding more than plain tensors, and unpickling it "
+                f"could run code ({str(error).splitlines()[0]}). Use a .safetensors copy of the model."
+            ) from None
+        except Exception as error:
+            raise ControlNeXtError(
+                f"'{name}' is not a readable PyTorch weights file ({type(error).__name__}: {error}); it is "
+                f"probably truncated or corrupt: download it again."
+            ) from None
+    else:
+        raise ControlNeXtError(
+            f"'{name}' has an unknown extension: ControlNeXt files are .safetensors (or .bin/.pt pickles)."
+        )
+    if not isinstance(state_dict, Mapping) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ControlNeXtError(f"'{name}' does not hold a flat dictionary of tensors, so it is not a model file.")
+    return dict(state_dict)
+
+
+class ControlNeXt:
+    """A loaded condition encoder, bound to the model family it serves."""
+
+    def __init__(self, encoder: ConditionEncoder, rule: InjectionRule):
+        self.encoder = encoder
+        self.rule = rule
+
+    @property
+    def family(self) -> str:
+        return self.rule.family
+
+    @property
+    def layout(self) -> str:
+        return self.rule.layout
+
+    @property
+    def scale(self) -> float:
+        """The file's own multiplier: its learned ``scale`` or the official default 1.0."""
+        if not self.rule.encoder.scale_parameter:
+            return 1.0
+        raw = float(self.encoder.scale.detach().float())
+        if self.rule.uncond == "v1":  # SVD v1 uses sigmoid(scale) * 1.3
+            return float(torch.sigmoid(torch.tensor(raw))) * 1.3
+        return raw
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.encoder.parameters())
+
+    def encode(self, image: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """Raw encoder output, before normalisation and scale.
+
+        ``image`` [B,3,H,W] in [0,1] (video: frames flattened into B); ``timestep`` [B] in the
+        UNet's own units (or one value for all rows).
+        """
+        image, timestep = self._check_inputs(image, timestep)
+        return self.encoder(image, timestep)
+
+    def encode_for(self, image: torch.Tensor, timestep: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """The control as ``inject`` will use it at a hidden state of spatial ``size``.
+
+        Equal to ``encode`` followed by the injection's own pooling. For the pool-first rules the
+        final 1x1 conv runs after pooling (exact: pooling is linear, the conv acts per pixel),
+        which saves its cost at full resolution.
+        """
+        image, timestep = self._check_inputs(image, timestep)
+        if not self.rule.pool_first:
+            return self.encoder(image, timestep)
+        features = self.encoder.features(image, timestep)
+        if tuple(features.shape[-2:]) != tuple(size):
+            features = F.adaptive_avg_pool2d(features, size)
+        return self.encoder.project(features)
+
+    def _check_inputs(self, image: torch.Tensor, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if image.ndim != 4 or image.shape[1] != 3:
+            raise ControlNeXtError(f"The control image must be [B,3,H,W] RGB; got shape {list(image.shape)}.")
+        min_side = 16 if self.rule.encoder.embedding.startswith("unpadded") else 8
+        if min(image.shape[-2:]) < min_side:
+            raise ControlNeXtError(
+                f"The control image is {image.shape[-1]}x{image.shape[-2]} pixels; ControlNeXt needs at least "
+                f"{min_side} pixels per side (use the size of the image you generate)."
+            )
+        timestep = torch.as_tensor(timestep, device=image.device).reshape(-1)
+        if timestep.numel() == 1:
+            timestep = timestep.expand(image.shape[0])
+        if timestep.numel() != image.shape[0]:
+            raise ControlNeXtError(f"{timestep.numel()} timesteps for {image.shape[0]} control images.")
+        param = next(self.encoder.parameters())
+        return image.to(device=param.device, dtype=param.dtype), timestep.to(param.device)
+
+    def to(self, *args, **kwargs) -> "ControlNeXt":
+        self.encoder.to(*args, **kwargs)
+        return self
+
+
+def load_controlnext(state_dict: Mapping[str, torch.Tensor], family: str | None = None) -> ControlNeXt:
+    """Build a ControlNeXt from an official encoder state dict (strict: every key and shape).
+
+    ``family`` ("sd15", "sdxl", "svd") is the model family the file will serve; without it the
+    most likely family for the layout is assumed (and logged).
+    """
+    layout = families.detect_layout(state_dict)
+    if family is None:
+        family = families.DEFAULT_FAMILY[layout]
+        log.info("ControlNeXt: %s file, assuming it serves %s (pass family= to choose).",
+                 families.LAYOUT_DESCRIPTIONS[layout], families.FAMILY_NAMES[family])
+    rule = families.rule_for(family, layout)
+    encoder = ConditionEncoder(rule.encoder)
+    expected = encoder.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong = [f"{k} {list(state_dict[k].shape)} (expected {list(v.shape)})"
+             for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if items:
+                parts.append(f"{len(items)} {label}: {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}")
+        raise ControlNeXtError(
+            f"This file looks like a ControlNeXt {families.LAYOUT_DESCRIPTIONS[layout]} encoder but does not match "
+            f"it ({'; '.join(parts)}). It may be truncated, converted with other names, or from another project."
+        )
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ControlNeXtError(
+            f"The ControlNeXt file holds NaN or infinite weights ({', '.join(bad[:3])}); it is corrupt: download it again."
+        )
+    if any(not v.is_floating_point() for v in state_dict.values()):
+        raise ControlNeXtError("The ControlNeXt file holds integer tensors where weights must be floating point.")
+    encoder.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
+    encoder.eval().requires_grad_(False)
+    return ControlNeXt(encoder, rule)
+
+
+def inject(
+    hidden: torch.Tensor,
+    control: torch.Tensor,
+    family: str,
+    strength: float,
+    *,
+    layout: str | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Cross-normalise ``control`` against ``hidden``, pool, and add it as ``family`` does.
+
+    ``strength`` is the whole user multiplier (file scale x node strength); the family constant
+    (SVD's 0.2) is applied here. Returns ``hidden`` itself when strength is 0.
+    """
+    if layout is None:
+        layout = families.DEFAULT_LAYOUT.get(family, "base")
+    return add_control(hidden, control, families.rule_for(family, layout), strength, mask)

@@ -5,7 +5,7 @@ Imports nothing from ComfyUI, so scripts and tests can use it on their own.
 from .cross_norm import add_control, control_term, cross_normalize
 from .errors import ControlNeXtError
 from .families import FAMILIES, RULES, InjectionRule, detect_layout, injection_block, rule_for
-from .model import ControlNeXt, inject, load_controlnext, load_state_dict_file
+from .model import ControlNeXt, bind, inject, load_controlnext, load_encoder, load_state_dict_file
 
 __all__ = [
     "ControlNeXt",
@@ -14,12 +14,14 @@ __all__ = [
     "InjectionRule",
     "RULES",
     "add_control",
+    "bind",
     "control_term",
     "cross_normalize",
     "detect_layout",
     "inject",
     "injection_block",
     "load_controlnext",
+    "load_encoder",
     "load_state_dict_file",
     "rule_for",
 ]

@@ -18,8 +18,9 @@ from torch.nn import functional as F
 class EncoderConfig:
     """One official encoder structure.
 
-    ``embedding``: "none" (SD1.5 releases), "padded" (SDXL, SD1.5 training), "unpadded"
-    (SVD-v2 inference: no padding in the 2nd and 3rd convs) or "unpadded_maxpool" (SVD v1).
+    ``embedding``: "none" (SD1.5 releases), "convs" (SDXL, SVD-v2, SD1.5 training) or
+    "convs_maxpool" (SVD v1). Whether the 2nd and 3rd embedding convs pad is not in the file:
+    the family decides it at run time (``inner_padding``).
     ``levels``: (in, out, GroupNorm groups) of each ResnetBlock2D + Downsample2D pair.
     """
 
@@ -30,10 +31,10 @@ class EncoderConfig:
     scale_parameter: bool  # a learned ``scale`` stored in the file
 
 
-BASE = EncoderConfig("padded", ((128, 128, 4), (128, 256, 8)), True, 320, False)
-BASE_SVD = EncoderConfig("unpadded", ((128, 128, 4), (128, 256, 8)), True, 320, False)
+BASE = EncoderConfig("convs", ((128, 128, 4), (128, 256, 8)), True, 320, False)
 MID = EncoderConfig("none", ((3, 128, 1), (128, 256, 8), (256, 256, 8)), False, 1280, True)
-SVD_V1 = EncoderConfig("unpadded_maxpool", ((128, 128, 4), (128, 256, 8), (256, 256, 8)), True, 1280, True)
+SVD_V1 = EncoderConfig("convs_maxpool", ((128, 128, 4), (128, 256, 8), (256, 256, 8)), True, 1280, True)
+CONFIGS = {"base": BASE, "mid": MID, "svd_v1": SVD_V1}
 
 
 def timestep_features(timesteps: torch.Tensor, dim: int = 128, max_period: float = 10000.0) -> torch.Tensor:
@@ -84,14 +85,16 @@ class Downsample2D(nn.Module):
         return self.conv(x)
 
 
+INNER_EMBEDDING_CONVS = (3, 6)  # the convs whose padding differs between SDXL and SVD
+
+
 def _embedding(kind: str) -> nn.Sequential:
-    inner_padding = 1 if kind == "padded" else 0
     layers = [
         nn.Conv2d(3, 64, 3, stride=2, padding=1), nn.GroupNorm(2, 64), nn.ReLU(),
-        nn.Conv2d(64, 64, 3, padding=inner_padding), nn.GroupNorm(2, 64), nn.ReLU(),
-        nn.Conv2d(64, 128, 3, padding=inner_padding), nn.GroupNorm(2, 128), nn.ReLU(),
+        nn.Conv2d(64, 64, 3, padding=1), nn.GroupNorm(2, 64), nn.ReLU(),
+        nn.Conv2d(64, 128, 3, padding=1), nn.GroupNorm(2, 128), nn.ReLU(),
     ]
-    if kind == "unpadded_maxpool":
+    if kind == "convs_maxpool":
         layers.append(nn.MaxPool2d(2, 2))
     return nn.Sequential(*layers)
 
@@ -102,6 +105,7 @@ class ConditionEncoder(nn.Module):
     def __init__(self, config: EncoderConfig):
         super().__init__()
         self.config = config
+        self.layout = next(name for name, known in CONFIGS.items() if known is config)
         self.time_embedding = TimestepEmbedding(128, 256)
         if config.embedding != "none":
             self.embedding = _embedding(config.embedding)
@@ -117,10 +121,19 @@ class ConditionEncoder(nn.Module):
         if config.scale_parameter:
             self.scale = nn.Parameter(torch.tensor(1.0))
 
-    def features(self, image: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    def embed(self, image: torch.Tensor, inner_padding: int) -> torch.Tensor:
+        x = image
+        for index, layer in enumerate(self.embedding):
+            if index in INNER_EMBEDDING_CONVS and inner_padding != 1:
+                x = F.conv2d(x, layer.weight, layer.bias, padding=inner_padding)
+            else:
+                x = layer(x)
+        return x
+
+    def features(self, image: torch.Tensor, timestep: torch.Tensor, inner_padding: int = 1) -> torch.Tensor:
         """Everything before the final 1x1 conv (``project``), which commutes with pooling."""
         emb = self.time_embedding(timestep_features(timestep).to(image.dtype))
-        x = self.embedding(image) if self.config.embedding != "none" else image
+        x = self.embed(image, inner_padding) if self.config.embedding != "none" else image
         for res, down in zip(self.down_res, self.down_sample):
             x = down(res(x, emb))
         mid = self.mid_convs[0](x)
@@ -129,5 +142,5 @@ class ConditionEncoder(nn.Module):
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return self.mid_convs[1](features)
 
-    def forward(self, image: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        return self.project(self.features(image, timestep))
+    def forward(self, image: torch.Tensor, timestep: torch.Tensor, inner_padding: int = 1) -> torch.Tensor:
+        return self.project(self.features(image, timestep, inner_padding))

@@ -11,7 +11,6 @@ from typing import Mapping
 
 import torch
 
-from . import encoders
 from .errors import ControlNeXtError
 
 FAMILIES = ("sd15", "sdxl", "svd")
@@ -28,15 +27,15 @@ class InjectionRule:
     eps: float
     factor: float  # the family constant k
     uncond: str  # what the uncond half gets: "same", "none", or "v1" (sigmoid(0)*1.3)
-    encoder: encoders.EncoderConfig
+    embedding_padding: int  # padding of the 2nd/3rd embedding convs: 0 in the SVD inference code
 
 
 RULES: dict[tuple[str, str], InjectionRule] = {
-    ("sd15", "mid"): InjectionRule("sd15", "mid", "after_middle", True, 1e-12, 1.0, "same", encoders.MID),
-    ("sd15", "base"): InjectionRule("sd15", "base", "after_first_down", True, 1e-12, 1.0, "same", encoders.BASE),
-    ("sdxl", "base"): InjectionRule("sdxl", "base", "after_conv_in", False, 1e-12, 1.0, "same", encoders.BASE),
-    ("svd", "base"): InjectionRule("svd", "base", "after_first_down", False, 1e-5, 0.2, "none", encoders.BASE_SVD),
-    ("svd", "svd_v1"): InjectionRule("svd", "svd_v1", "before_middle", False, 1e-5, 1.0, "v1", encoders.SVD_V1),
+    ("sd15", "mid"): InjectionRule("sd15", "mid", "after_middle", True, 1e-12, 1.0, "same", 1),
+    ("sd15", "base"): InjectionRule("sd15", "base", "after_first_down", True, 1e-12, 1.0, "same", 1),
+    ("sdxl", "base"): InjectionRule("sdxl", "base", "after_conv_in", False, 1e-12, 1.0, "same", 1),
+    ("svd", "base"): InjectionRule("svd", "base", "after_first_down", False, 1e-5, 0.2, "none", 0),
+    ("svd", "svd_v1"): InjectionRule("svd", "svd_v1", "before_middle", False, 1e-5, 1.0, "v1", 0),
 }
 
 # Without a family hint, what a layout most likely serves (the published releases).

@@ -1,6 +1,7 @@
 """Loading official ControlNeXt files into a ``ControlNeXt`` object (plain torch)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
@@ -9,7 +10,7 @@ from typing import Mapping
 import torch
 from torch.nn import functional as F
 
-from . import families
+from . import encoders, families
 from .cross_norm import add_control
 from .encoders import ConditionEncoder
 from .errors import ControlNeXtError
@@ -66,9 +67,14 @@ def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
 
 
 class ControlNeXt:
-    """A loaded condition encoder, bound to the model family it serves."""
+    """A loaded condition encoder, bound to the model family it serves.
+
+    Several ControlNeXt objects may share one encoder module (one per family it is applied to).
+    """
 
     def __init__(self, encoder: ConditionEncoder, rule: InjectionRule):
+        if encoder.config is not encoders.CONFIGS[rule.layout]:
+            raise AssertionError("encoder and rule disagree on the layout")
         self.encoder = encoder
         self.rule = rule
 
@@ -83,7 +89,7 @@ class ControlNeXt:
     @property
     def scale(self) -> float:
         """The file's own multiplier: its learned ``scale`` or the official default 1.0."""
-        if not self.rule.encoder.scale_parameter:
+        if not self.encoder.config.scale_parameter:
             return 1.0
         raw = float(self.encoder.scale.detach().float())
         if self.rule.uncond == "v1":  # SVD v1 uses sigmoid(scale) * 1.3
@@ -94,34 +100,45 @@ class ControlNeXt:
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.encoder.parameters())
 
-    def encode(self, image: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    def encode(self, image: torch.Tensor, timestep: torch.Tensor,
+               compute_dtype: torch.dtype | None = None) -> torch.Tensor:
         """Raw encoder output, before normalisation and scale.
 
         ``image`` [B,3,H,W] in [0,1] (video: frames flattened into B); ``timestep`` [B] in the
-        UNet's own units (or one value for all rows).
+        UNet's own units (or one value for all rows). ``compute_dtype`` (fp16/bf16) runs the
+        convs in that precision without touching the stored weights.
         """
         image, timestep = self._check_inputs(image, timestep)
-        return self.encoder(image, timestep)
+        with self._precision(image, compute_dtype):
+            return self.encoder(image, timestep, self.rule.embedding_padding)
 
-    def encode_for(self, image: torch.Tensor, timestep: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    def encode_for(self, image: torch.Tensor, timestep: torch.Tensor, size: tuple[int, int],
+                   compute_dtype: torch.dtype | None = None) -> torch.Tensor:
         """The control as ``inject`` will use it at a hidden state of spatial ``size``.
 
         Equal to ``encode`` followed by the injection's own pooling. For the pool-first rules the
         final 1x1 conv runs after pooling (exact: pooling is linear, the conv acts per pixel),
         which saves its cost at full resolution.
         """
-        image, timestep = self._check_inputs(image, timestep)
         if not self.rule.pool_first:
-            return self.encoder(image, timestep)
-        features = self.encoder.features(image, timestep)
-        if tuple(features.shape[-2:]) != tuple(size):
-            features = F.adaptive_avg_pool2d(features, size)
-        return self.encoder.project(features)
+            return self.encode(image, timestep, compute_dtype)
+        image, timestep = self._check_inputs(image, timestep)
+        with self._precision(image, compute_dtype):
+            features = self.encoder.features(image, timestep, self.rule.embedding_padding)
+            if tuple(features.shape[-2:]) != tuple(size):
+                features = F.adaptive_avg_pool2d(features, size)
+            return self.encoder.project(features)
+
+    @staticmethod
+    def _precision(image: torch.Tensor, compute_dtype: torch.dtype | None):
+        if compute_dtype in (torch.float16, torch.bfloat16) and compute_dtype != image.dtype:
+            return torch.autocast(image.device.type, dtype=compute_dtype)
+        return contextlib.nullcontext()
 
     def _check_inputs(self, image: torch.Tensor, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if image.ndim != 4 or image.shape[1] != 3:
             raise ControlNeXtError(f"The control image must be [B,3,H,W] RGB; got shape {list(image.shape)}.")
-        min_side = 16 if self.rule.encoder.embedding.startswith("unpadded") else 8
+        min_side = 16 if self.rule.embedding_padding == 0 else 8
         if min(image.shape[-2:]) < min_side:
             raise ControlNeXtError(
                 f"The control image is {image.shape[-1]}x{image.shape[-2]} pixels; ControlNeXt needs at least "
@@ -140,19 +157,10 @@ class ControlNeXt:
         return self
 
 
-def load_controlnext(state_dict: Mapping[str, torch.Tensor], family: str | None = None) -> ControlNeXt:
-    """Build a ControlNeXt from an official encoder state dict (strict: every key and shape).
-
-    ``family`` ("sd15", "sdxl", "svd") is the model family the file will serve; without it the
-    most likely family for the layout is assumed (and logged).
-    """
+def load_encoder(state_dict: Mapping[str, torch.Tensor]) -> ConditionEncoder:
+    """The encoder module of an official state dict (strict: every key and shape), on the CPU in fp32."""
     layout = families.detect_layout(state_dict)
-    if family is None:
-        family = families.DEFAULT_FAMILY[layout]
-        log.info("ControlNeXt: %s file, assuming it serves %s (pass family= to choose).",
-                 families.LAYOUT_DESCRIPTIONS[layout], families.FAMILY_NAMES[family])
-    rule = families.rule_for(family, layout)
-    encoder = ConditionEncoder(rule.encoder)
+    encoder = ConditionEncoder(encoders.CONFIGS[layout])
     expected = encoder.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -176,7 +184,26 @@ def load_controlnext(state_dict: Mapping[str, torch.Tensor], family: str | None 
         raise ControlNeXtError("The ControlNeXt file holds integer tensors where weights must be floating point.")
     encoder.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
     encoder.eval().requires_grad_(False)
-    return ControlNeXt(encoder, rule)
+    return encoder
+
+
+def bind(encoder: ConditionEncoder, family: str | None = None) -> ControlNeXt:
+    """Bind a loaded encoder to the model family it will serve (shares the weights)."""
+    layout = encoder.layout
+    if family is None:
+        family = families.DEFAULT_FAMILY[layout]
+        log.info("ControlNeXt: %s file, assuming it serves %s (pass family= to choose).",
+                 families.LAYOUT_DESCRIPTIONS[layout], families.FAMILY_NAMES[family])
+    return ControlNeXt(encoder, families.rule_for(family, layout))
+
+
+def load_controlnext(state_dict: Mapping[str, torch.Tensor], family: str | None = None) -> ControlNeXt:
+    """Build a ControlNeXt from an official encoder state dict (strict: every key and shape).
+
+    ``family`` ("sd15", "sdxl", "svd") is the model family the file will serve; without it the
+    most likely family for the layout is assumed (and logged).
+    """
+    return bind(load_encoder(state_dict), family)
 
 
 def inject(

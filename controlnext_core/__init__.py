@@ -2,7 +2,7 @@
 
 Imports nothing from ComfyUI, so scripts and tests can use it on their own.
 """
-from .cross_norm import add_control, control_term, cross_normalize
+from .cross_norm import add_control, add_unit_control, unit_control
 from .errors import ControlNeXtError
 from .families import FAMILIES, RULES, InjectionRule, detect_layout, injection_block, rule_for
 from .model import ControlNeXt, bind, inject, load_controlnext, load_encoder, load_state_dict_file
@@ -14,9 +14,8 @@ __all__ = [
     "InjectionRule",
     "RULES",
     "add_control",
+    "add_unit_control",
     "bind",
-    "control_term",
-    "cross_normalize",
     "detect_layout",
     "inject",
     "injection_block",
@@ -24,4 +23,5 @@ __all__ = [
     "load_encoder",
     "load_state_dict_file",
     "rule_for",
+    "unit_control",
 ]

@@ -1,4 +1,12 @@
-"""Cross normalisation: the one place the ControlNeXt injection formula lives (spec §2)."""
+"""Cross normalisation: the one place the ControlNeXt injection formula lives (spec §2).
+
+The formula ``c' = (c - mu_c) * sd_h / (sd_c + eps) + mu_h`` splits into a part that depends
+only on the control, ``u = (c - mu_c) / (sd_c + eps)``, and a per-sample affine map from the
+hidden state, ``c' = u * sd_h + mu_h``. Pooling is linear and maps constants to themselves, so
+``pool(c') = pool(u) * sd_h + mu_h`` whichever order the family uses. ``unit_control`` is
+therefore computed once per step and shared by every CFG chunk, and only the cheap affine map
+touches the hidden state.
+"""
 from __future__ import annotations
 
 import torch
@@ -11,31 +19,50 @@ from .families import InjectionRule
 FLAT_RELATIVE_STD = 1e-4
 
 
-def _per_sample_std_mean(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    std, mean = torch.std_mean(x, dim=(1, 2, 3), keepdim=True)  # unbiased, as torch.std
-    return std, mean
-
-
-def cross_normalize(control: torch.Tensor, hidden: torch.Tensor, eps: float) -> torch.Tensor:
-    """Give ``control`` the per-sample mean and std of ``hidden``; fp32 statistics and result."""
-    c = control.float()
-    std_h, mean_h = _per_sample_std_mean(hidden.float())
-    std_c, mean_c = _per_sample_std_mean(c)
-    flat = std_c <= FLAT_RELATIVE_STD * c.abs().mean(dim=(1, 2, 3), keepdim=True)
-    centred = torch.where(flat, torch.zeros_like(c), c - mean_c)
-    return centred * (std_h / (std_c + eps)) + mean_h
-
-
 def pool_to(x: torch.Tensor, size: torch.Size | tuple[int, int]) -> torch.Tensor:
-    return x if tuple(x.shape[-2:]) == tuple(size) else F.adaptive_avg_pool2d(x, size)
+    return x if tuple(x.shape[-2:]) == tuple(size) else F.adaptive_avg_pool2d(x, tuple(size))
 
 
-def control_term(hidden: torch.Tensor, control: torch.Tensor, rule: InjectionRule) -> torch.Tensor:
-    """The normalised, pooled control in fp32, before strength: ``pool(c')`` of spec §2."""
-    size = hidden.shape[-2:]
+def _unit(control: torch.Tensor, eps: float) -> torch.Tensor:
+    c = control.float()
+    std, mean = torch.std_mean(c, dim=(1, 2, 3), keepdim=True)  # unbiased, as torch.std
+    flat = std <= FLAT_RELATIVE_STD * c.abs().mean(dim=(1, 2, 3), keepdim=True)
+    return torch.where(flat, torch.zeros_like(c), c - mean) / (std + eps)
+
+
+def unit_control(control: torch.Tensor, size: torch.Size | tuple[int, int], rule: InjectionRule) -> torch.Tensor:
+    """``pool(u)``: the control normalised to zero mean and unit std, at the hidden size; fp32."""
     if rule.pool_first:
-        return cross_normalize(pool_to(control, size), hidden, rule.eps)
-    return pool_to(cross_normalize(control, hidden, rule.eps), size)
+        return _unit(pool_to(control, size), rule.eps)
+    return pool_to(_unit(control, rule.eps), size)
+
+
+def add_unit_control(
+    hidden: torch.Tensor,
+    unit: torch.Tensor,
+    rule: InjectionRule,
+    strength: float | torch.Tensor,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``h + (unit * sd_h + mu_h) * strength * k`` with fp32 statistics; never writes its inputs.
+
+    ``unit`` has batch 1 or ``hidden``'s; ``strength`` is a float or a per-row tensor;
+    ``mask`` [1 or B, H', W'] in [0,1] limits where control acts (resized to ``hidden``).
+    """
+    if not torch.is_tensor(strength) and strength == 0:
+        return hidden
+    if unit.shape[0] not in (1, hidden.shape[0]):
+        raise ValueError(f"control batch {unit.shape[0]} does not match hidden batch {hidden.shape[0]}")
+    std_h, mean_h = torch.std_mean(hidden.float(), dim=(1, 2, 3), keepdim=True)
+    if torch.is_tensor(strength):
+        gain = strength.to(device=std_h.device, dtype=torch.float32).reshape(-1, 1, 1, 1) * rule.factor
+    else:
+        gain = strength * rule.factor
+    term = (unit.to(std_h.device) * std_h + mean_h) * gain
+    if mask is not None:
+        term = term * F.interpolate(mask.float().to(term.device)[:, None], size=hidden.shape[-2:],
+                                    mode="bilinear", align_corners=False)
+    return hidden + term.to(hidden.dtype)
 
 
 def add_control(
@@ -45,21 +72,7 @@ def add_control(
     strength: float | torch.Tensor,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``h + pool(c') * strength * k``; ``strength`` is a float or a per-row tensor [B].
-
-    Never writes into its inputs. ``mask`` ([B or 1, H', W'] in [0,1]) limits where control acts.
-    """
+    """``h + pool(c') * strength * k`` for a raw encoder output ``control``."""
     if not torch.is_tensor(strength) and strength == 0:
         return hidden
-    if control.shape[0] != hidden.shape[0]:
-        raise ValueError(f"control batch {control.shape[0]} does not match hidden batch {hidden.shape[0]}")
-    term = control_term(hidden, control, rule)
-    if torch.is_tensor(strength):
-        term = term * (strength.to(term).reshape(-1, 1, 1, 1) * rule.factor)
-    else:
-        term = term * (strength * rule.factor)
-    if mask is not None:
-        mask = F.interpolate(mask.float().to(term.device)[:, None], size=hidden.shape[-2:], mode="bilinear",
-                             align_corners=False)
-        term = term * mask
-    return hidden + term.to(hidden.dtype)
+    return add_unit_control(hidden, unit_control(control, hidden.shape[-2:], rule), rule, strength, mask)

@@ -4,8 +4,8 @@ Imports nothing from ComfyUI, so scripts and tests can use it on their own.
 """
 from .cross_norm import add_control, add_unit_control, unit_control
 from .errors import ControlNeXtError
-from .families import FAMILIES, RULES, InjectionRule, detect_layout, injection_block, rule_for
-from .model import ControlNeXt, bind, inject, load_controlnext, load_encoder, load_state_dict_file
+from .families import FAMILIES, RULES, InjectionRule, detect_layout, injection_block, injection_channels, rule_for
+from .model import ControlNeXt, bind, inject, load_controlnext, load_encoder, load_state_dict_file, resize_control
 
 __all__ = [
     "ControlNeXt",
@@ -19,9 +19,11 @@ __all__ = [
     "detect_layout",
     "inject",
     "injection_block",
+    "injection_channels",
     "load_controlnext",
     "load_encoder",
     "load_state_dict_file",
+    "resize_control",
     "rule_for",
     "unit_control",
 ]

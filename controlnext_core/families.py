@@ -84,6 +84,15 @@ def injection_block(rule: InjectionRule, num_res_blocks: list[int]) -> tuple[str
     raise AssertionError(rule.point)
 
 
+def injection_channels(rule: InjectionRule, model_channels: int, channel_mult: list[int]) -> int:
+    """Channels of the UNet's hidden state at the injection point (what the encoder must output)."""
+    if rule.point == "after_conv_in":
+        return model_channels
+    if rule.point == "after_first_down":
+        return model_channels * channel_mult[0]
+    return model_channels * channel_mult[-1]
+
+
 def _describe_foreign(keys: list[str]) -> str:
     joined = " ".join(keys[:200])
     if any(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")) for k in keys):

@@ -18,6 +18,7 @@ from .families import InjectionRule
 
 log = logging.getLogger("ControlNeXt")
 
+V1_UNCOND_SCALE = 0.5 * 1.3  # sigmoid(0) * 1.3
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -95,6 +96,15 @@ class ControlNeXt:
         if self.rule.uncond == "v1":  # SVD v1 uses sigmoid(scale) * 1.3
             return float(torch.sigmoid(torch.tensor(raw))) * 1.3
         return raw
+
+    def gains(self, strength: float, cond_only: bool = False) -> tuple[float, float]:
+        """(cond, uncond) multipliers for ``add_unit_control``: file scale x ``strength`` per CFG half."""
+        cond = strength * self.scale
+        if cond_only or self.rule.uncond == "none":
+            return cond, 0.0
+        if self.rule.uncond == "v1":  # the SVD v1 pipeline zeroes the scale *before* its sigmoid
+            return cond, strength * V1_UNCOND_SCALE
+        return cond, cond
 
     @property
     def num_parameters(self) -> int:
@@ -204,6 +214,14 @@ def load_controlnext(state_dict: Mapping[str, torch.Tensor], family: str | None 
     most likely family for the layout is assumed (and logged).
     """
     return bind(load_encoder(state_dict), family)
+
+
+def resize_control(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Stretch control images [N,3,H,W] to the generated size, as the official scripts do."""
+    if tuple(image.shape[-2:]) == (height, width):
+        return image
+    return F.interpolate(image.float(), size=(height, width), mode="bicubic", antialias=True,
+                         align_corners=False).clamp_(0.0, 1.0)
 
 
 def inject(

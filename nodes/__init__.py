@@ -1,0 +1,16 @@
+"""The ComfyUI layer: node classes over controlnext_core, and the pack's extension object."""
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from .apply import ApplyControlNeXt
+from .loaders import LoadControlNeXt, LoadControlNeXtUNetWeights
+
+
+class ControlNeXtExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [LoadControlNeXt, ApplyControlNeXt, LoadControlNeXtUNetWeights]
+
+
+def comfy_entrypoint() -> ControlNeXtExtension:
+    return ControlNeXtExtension()

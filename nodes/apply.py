@@ -1,0 +1,60 @@
+"""Apply ControlNeXt to a MODEL (the direct route; the CONTROL_NET route is in loaders/patch)."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..controlnext_core import ControlNeXtError
+from .loaders import CATEGORY, ControlNeXtType
+from .patch import control_image_from_comfy, make_patch
+
+
+def check_percent_range(start_percent: float, end_percent: float) -> None:
+    if start_percent > end_percent:
+        raise ControlNeXtError(
+            f"start_percent ({start_percent}) is after end_percent ({end_percent}): control would never act. "
+            f"Make start_percent <= end_percent.")
+
+
+class ApplyControlNeXt(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ControlNeXtApply",
+            display_name="Apply ControlNeXt",
+            category=CATEGORY,
+            description="Adds ControlNeXt control to a copy of the model: the control image is encoded once per "
+                        "step, cross-normalised and added at the one UNet block the release was trained for.",
+            inputs=[
+                io.Model.Input("model", tooltip="An SD1.5 or SDXL model (SVD: use the video nodes)."),
+                ControlNeXtType.Input("controlnext", tooltip="From Load ControlNeXt."),
+                io.Image.Input("image", tooltip="The control image (canny, depth, pose, mask...). One image serves "
+                                                "the whole batch; or one per latent in the batch."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01,
+                               tooltip="Multiplies the file's own scale. 0 leaves the model unchanged."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
+                               tooltip="Sampling progress at which control starts (0 = first step)."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
+                               tooltip="Sampling progress at which control stops (1 = last step)."),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="Optional: control acts only where the mask is white (resized to the "
+                                      "injection block). One mask, or one per latent."),
+            ],
+            outputs=[io.Model.Output(tooltip="A patched copy; the input MODEL is unchanged.")],
+        )
+
+    @classmethod
+    def execute(cls, model, controlnext, image, strength: float, start_percent: float, end_percent: float,
+                mask=None) -> io.NodeOutput:
+        check_percent_range(start_percent, end_percent)
+        patched = model.clone()
+        if strength == 0:
+            return io.NodeOutput(patched)
+        if mask is not None and mask.ndim == 2:
+            mask = mask[None]
+        patch = make_patch(controlnext, model.model, model.get_model_object("model_sampling"),
+                           control_image_from_comfy(image), strength, (start_percent, end_percent), mask)
+        if patch.kind == "output_block_patch":
+            patched.set_model_output_block_patch(patch)
+        else:
+            patched.set_model_input_block_patch_after_skip(patch)
+        return io.NodeOutput(patched)

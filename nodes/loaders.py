@@ -1,0 +1,135 @@
+"""Load ControlNeXt encoders and the partial UNet weights some releases ship."""
+from __future__ import annotations
+
+import os
+
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io
+
+from ..controlnext_core import ControlNeXtError, load_encoder, load_state_dict_file
+from ..controlnext_core.families import FAMILY_NAMES, LAYOUT_DESCRIPTIONS
+from ..controlnext_core.unet_weights import MODES, OFFICIAL_MODE, unet_weight_diffs
+from .patch import ControlNeXtControlNet, ControlNeXtFile, model_family, model_type_name
+
+CATEGORY = "ControlNeXt"
+FOLDER = "controlnext"
+SEARCHED_FOLDERS = (FOLDER, "controlnet")  # our folder first, then the usual ControlNet folder
+ControlNeXtType = io.Custom("CONTROLNEXT")
+UNET_PREFIXES = ("input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "label_emb.", "out.")
+
+
+def register_model_folder() -> None:
+    """models/controlnext, plus any ``controlnext:`` paths from extra_model_paths.yaml."""
+    folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER))
+
+
+register_model_folder()
+
+
+def model_files() -> list[str]:
+    names: list[str] = []
+    for folder in SEARCHED_FOLDERS:
+        names += [n for n in folder_paths.get_filename_list(folder) if n not in names]
+    return names
+
+
+def resolve(name: str) -> str:
+    for folder in SEARCHED_FOLDERS:
+        path = folder_paths.get_full_path(folder, name)
+        if path is not None:
+            return path
+    raise ControlNeXtError(
+        f"'{name}' is not in the models/{FOLDER} or models/controlnet folders (or their extra_model_paths.yaml "
+        f"entries). Put the file there and refresh the page.")
+
+
+class LoadControlNeXt(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ControlNeXtLoader",
+            display_name="Load ControlNeXt",
+            category=CATEGORY,
+            description="Loads a ControlNeXt condition encoder (the 'controlnet' file of a release). Its model "
+                        "family is decided by the model you apply it to.",
+            inputs=[
+                io.Combo.Input("controlnext_name", options=model_files(),
+                               tooltip="The encoder file, from models/controlnext or models/controlnet "
+                                       "(e.g. controlnet.safetensors of a ControlNeXt release)."),
+            ],
+            outputs=[
+                ControlNeXtType.Output(display_name="CONTROLNEXT",
+                                       tooltip="For Apply ControlNeXt (patches the MODEL)."),
+                io.ControlNet.Output(display_name="CONTROL_NET",
+                                     tooltip="The same encoder for ComfyUI's Apply ControlNet nodes: stacks with "
+                                             "other ControlNets and per-conditioning control."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, controlnext_name: str) -> io.NodeOutput:
+        encoder = load_encoder(load_state_dict_file(resolve(controlnext_name)))
+        file = ControlNeXtFile(controlnext_name, encoder)
+        params = sum(p.numel() for p in encoder.parameters())
+        summary = f"{LAYOUT_DESCRIPTIONS[file.layout]}, {params / 1e6:.2f} M parameters"
+        return io.NodeOutput(file, ControlNeXtControlNet(file), ui={"controlnext_info": [summary]})
+
+
+def unet_key_map(model) -> dict[str, str]:
+    """File names (diffusers, LDM, or full-checkpoint LDM) -> this model's state-dict keys."""
+    unet_config = model.model.model_config.unet_config
+    key_map = {diffusers: f"diffusion_model.{ldm}" for diffusers, ldm in comfy.utils.unet_to_diffusers(unet_config).items()}
+    for key in model.model_state_dict(filter_prefix="diffusion_model."):
+        ldm = key[len("diffusion_model."):]
+        key_map[ldm] = key
+        key_map[f"model.diffusion_model.{ldm}"] = key
+    return key_map
+
+
+class LoadControlNeXtUNetWeights(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ControlNeXtUNetWeights",
+            display_name="Load ControlNeXt UNet Weights",
+            category=CATEGORY,
+            description="Applies the partial UNet weights of a ControlNeXt release (SDXL "
+                        "unet_weight_increasements, SD1.5 unet.safetensors) as reversible patches on a copy "
+                        "of the model.",
+            inputs=[
+                io.Model.Input("model", tooltip="The SD1.5 or SDXL model the release was trained on (or a fine-tune)."),
+                io.Combo.Input("unet_name", options=model_files(),
+                               tooltip="The release's UNet file, from models/controlnext or models/controlnet."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=2.0, step=0.01,
+                               tooltip="1.0 applies the file as released; 0 leaves the model unchanged."),
+                io.Combo.Input("mode", options=list(MODES), default="auto",
+                               tooltip="auto: SDXL files are deltas added to the weights, SD1.5 files replace "
+                                       "them (the official releases). add / replace force one meaning."),
+            ],
+            outputs=[io.Model.Output(tooltip="A patched copy; the input MODEL is unchanged.")],
+        )
+
+    @classmethod
+    def execute(cls, model, unet_name: str, strength: float, mode: str) -> io.NodeOutput:
+        family = model_family(model.model)
+        if family not in ("sd15", "sdxl"):
+            raise ControlNeXtError(
+                f"ControlNeXt UNet weights apply to SD1.5 and SDXL models; this is a {model_type_name(model.model)} "
+                f"model.")
+        file_weights = load_state_dict_file(resolve(unet_name))
+        if mode == "auto":
+            mode = OFFICIAL_MODE[family]
+        originals = {key: entries[0][0] for key, entries in model.get_key_patches("diffusion_model.").items()}
+        try:
+            diffs = unet_weight_diffs(file_weights, unet_key_map(model), originals, mode)
+        except ControlNeXtError as error:
+            raise ControlNeXtError(f"'{unet_name}' on this {FAMILY_NAMES[family]} model: {error}") from None
+        patched = model.clone()
+        if strength == 0:
+            return io.NodeOutput(patched)
+        matched = patched.add_patches({key: (diff,) for key, diff in diffs.items()}, strength)
+        missed = sorted(set(diffs) - set(matched))
+        if missed:
+            raise ControlNeXtError(f"ComfyUI did not accept {len(missed)} UNet weights ({', '.join(missed[:3])}).")
+        return io.NodeOutput(patched)

@@ -1,0 +1,238 @@
+"""The ComfyUI side of the injection: one UNet patch, used by both the MODEL route (Apply
+ControlNeXt) and the CONTROL_NET route (ComfyUI's Apply ControlNet), so both give one result.
+"""
+from __future__ import annotations
+
+import torch
+
+import comfy.controlnet
+import comfy.model_management
+import comfy.model_patcher
+
+from ..controlnext_core import ControlNeXt, ControlNeXtError, add_unit_control, bind, injection_block, injection_channels, resize_control, unit_control
+from ..controlnext_core.encoders import ConditionEncoder
+from ..controlnext_core.families import FAMILY_NAMES, LAYOUT_DESCRIPTIONS
+
+# ComfyUI model config class (or a base class of it) -> ControlNeXt family.
+FAMILY_BY_CONFIG = {"SD15": "sd15", "SDXL": "sdxl", "SVD_img2vid": "svd"}
+PATCH_KIND = {"input": "input_block_patch_after_skip", "output": "output_block_patch"}
+LATENT_SCALE = 8  # SD1.5, SDXL and SVD VAEs all downscale by 8
+
+
+def model_type_name(base_model) -> str:
+    return type(getattr(base_model, "model_config", base_model)).__name__
+
+
+def model_family(base_model) -> str | None:
+    config = getattr(base_model, "model_config", None)
+    for cls in type(config).__mro__:
+        if cls.__name__ in FAMILY_BY_CONFIG:
+            return FAMILY_BY_CONFIG[cls.__name__]
+    return None
+
+
+class ControlNeXtFile:
+    """What Load ControlNeXt outputs: one encoder, bound to a family when applied to a model.
+
+    Immutable once built; clones of a MODEL share it.
+    """
+
+    def __init__(self, name: str, encoder: ConditionEncoder):
+        self.name = name
+        self.encoder = encoder
+        self.patcher = comfy.model_patcher.ModelPatcher(
+            encoder, load_device=comfy.model_management.get_torch_device(),
+            offload_device=comfy.model_management.unet_offload_device())
+
+    @property
+    def layout(self) -> str:
+        return self.encoder.layout
+
+    def bind(self, base_model) -> ControlNeXt:
+        family = model_family(base_model)
+        if family is None:
+            raise ControlNeXtError(
+                f"'{self.name}' ({LAYOUT_DESCRIPTIONS[self.layout]}) cannot be applied to this "
+                f"{model_type_name(base_model)} model: ControlNeXt works with SD1.5, SDXL and Stable Video "
+                f"Diffusion models. Load one of those."
+            )
+        try:
+            return bind(self.encoder, family)
+        except ControlNeXtError as error:
+            raise ControlNeXtError(f"'{self.name}' on a {FAMILY_NAMES[family]} model "
+                                   f"({model_type_name(base_model)}): {error}") from None
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class ControlNeXtPatch:
+    """Encode the control once per step, cross-normalise it and add it at one UNet block.
+
+    Immutable after construction apart from ``_memo``: a one-entry cache of the unit control
+    keyed by everything it depends on (sigmas, sizes, device, dtype), so cond and uncond reuse
+    one encoder run whether ComfyUI batches them or calls them separately. It never changes a
+    result, so sharing the object between MODEL clones is safe.
+    """
+
+    def __init__(self, controlnext: ControlNeXt, patcher, image: torch.Tensor, strength: float,
+                 sigma_range: tuple[float, float], block: tuple[str, int], model_sampling,
+                 mask: torch.Tensor | None = None, cond_only: bool = False):
+        self.controlnext = controlnext
+        self.patcher = patcher
+        self.image = image
+        self.mask = mask
+        self.gains = controlnext.gains(strength, cond_only)
+        self.sigma_start, self.sigma_end = sigma_range
+        self.block = block
+        self.kind = PATCH_KIND[block[0]]
+        self.model_sampling = model_sampling
+        self._memo: tuple | None = None
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def to(self, device_or_dtype):
+        return self  # the encoder's ModelPatcher moves the weights; the patch holds none
+
+    def models(self):
+        return [self.patcher]
+
+    def inject(self, h: torch.Tensor, transformer_options: dict) -> torch.Tensor:
+        if transformer_options.get("block") != self.block:
+            return h
+        sigmas = transformer_options["sigmas"]
+        sigma_values = sigmas.detach().float().cpu().tolist()  # a few floats: the one host sync
+        if not self.sigma_end <= sigma_values[0] <= self.sigma_start:
+            return h
+        chunks = transformer_options.get("cond_or_uncond") or [0]
+        gains = [self.gains[0] if kind == 0 else self.gains[1] for kind in chunks]
+        if not any(gains):
+            return h
+        rows = h.shape[0] // len(chunks)
+        if len(sigma_values) != rows:
+            sigmas, sigma_values = sigmas[:1].expand(rows), sigma_values[:1] * rows
+        unit = self._unit_control(h, sigmas, sigma_values, rows, transformer_options["original_shape"])
+        mask = self._mask_rows(rows)
+        rule = self.controlnext.rule
+        pieces = [h[i * rows:(i + 1) * rows] for i in range(len(chunks))]
+        pieces = [add_unit_control(piece, unit, rule, gain, mask) if gain else piece
+                  for piece, gain in zip(pieces, gains)]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def _unit_control(self, h, sigmas, sigma_values, rows, original_shape) -> torch.Tensor:
+        size = tuple(h.shape[-2:])
+        latent_size = tuple(original_shape[-2:])
+        key = (tuple(sigma_values), size, latent_size, rows, h.device, h.dtype)
+        memo = self._memo
+        if memo is not None and memo[0] == key:
+            return memo[1]
+        count = self.image.shape[0]
+        if count not in (1, rows):
+            raise ControlNeXtError(
+                f"{count} control images for a batch of {rows} latents: give one image (used for the whole "
+                f"batch) or exactly {rows}, one per latent{' frame' if self.controlnext.family == 'svd' else ''}."
+            )
+        image = resize_control(self.image, latent_size[0] * LATENT_SCALE, latent_size[1] * LATENT_SCALE)
+        image = image.to(h.device)
+        timesteps = self.model_sampling.timestep(sigmas).float()
+        if count == 1 and len(set(sigma_values)) == 1:
+            timesteps = timesteps[:1]
+        else:
+            image = image.expand(rows, -1, -1, -1)
+        control = self.controlnext.encode_for(image, timesteps, size, compute_dtype=h.dtype)
+        unit = unit_control(control, size, self.controlnext.rule)
+        self._memo = (key, unit)
+        return unit
+
+    def _mask_rows(self, rows: int) -> torch.Tensor | None:
+        if self.mask is None:
+            return None
+        if self.mask.shape[0] not in (1, rows):
+            raise ControlNeXtError(
+                f"{self.mask.shape[0]} masks for a batch of {rows} latents: give one mask or exactly {rows}.")
+        return self.mask
+
+
+class InputBlockPatch(ControlNeXtPatch):
+    def __call__(self, h, transformer_options):
+        return self.inject(h, transformer_options)
+
+
+class OutputBlockPatch(ControlNeXtPatch):
+    def __call__(self, h, hsp, transformer_options):
+        return self.inject(h, transformer_options), hsp
+
+
+def make_patch(file: ControlNeXtFile, base_model, model_sampling, image: torch.Tensor, strength: float,
+               percent_range: tuple[float, float], mask: torch.Tensor | None = None,
+               cond_only: bool = False) -> ControlNeXtPatch:
+    """Bind ``file`` to ``base_model``'s family and build the patch for its injection block.
+
+    Raises ControlNeXtError, before any sampling, when the file cannot serve the model.
+    """
+    controlnext = file.bind(base_model)
+    unet = base_model.diffusion_model
+    block = injection_block(controlnext.rule, list(unet.num_res_blocks))
+    channels = injection_channels(controlnext.rule, unet.model_channels, list(unet.channel_mult))
+    if channels != file.encoder.config.out_channels:
+        raise ControlNeXtError(
+            f"'{file.name}' outputs {file.encoder.config.out_channels} channels but this "
+            f"{model_type_name(base_model)} UNet has {channels} at block {block}: it is not the architecture "
+            f"ControlNeXt {FAMILY_NAMES[controlnext.family]} releases are made for.")
+    patch_class = OutputBlockPatch if block[0] == "output" else InputBlockPatch
+    sigma_range = (model_sampling.percent_to_sigma(percent_range[0]), model_sampling.percent_to_sigma(percent_range[1]))
+    return patch_class(controlnext, file.patcher, image, strength, sigma_range, block, model_sampling, mask, cond_only)
+
+
+def control_image_from_comfy(image: torch.Tensor) -> torch.Tensor:
+    """ComfyUI IMAGE [N,H,W,C] -> [N,3,H,W] float in [0,1]; grey and RGBA are converted."""
+    if image.ndim != 4 or image.shape[0] == 0:
+        raise ControlNeXtError(f"The control image must be an IMAGE batch [N,H,W,C] with N >= 1; got shape {list(image.shape)}.")
+    channels = image.shape[-1]
+    if channels == 1:
+        image = image.expand(-1, -1, -1, 3)
+    elif channels == 4:
+        image = image[..., :3]
+    elif channels != 3:
+        raise ControlNeXtError(f"The control image has {channels} channels; give an RGB, RGBA or grey IMAGE.")
+    return image.movedim(-1, 1).float().clamp(0.0, 1.0).contiguous()
+
+
+class ControlNeXtControlNet(comfy.controlnet.ControlBase):
+    """A CONTROL_NET for ComfyUI's own Apply ControlNet nodes: it installs the same patch as
+    Apply ControlNeXt into each model call's transformer_options, so it stacks with other
+    ControlNets and follows per-conditioning control."""
+
+    def __init__(self, file: ControlNeXtFile):
+        super().__init__()
+        self.file = file
+        self.patch: ControlNeXtPatch | None = None
+
+    def pre_run(self, model, percent_to_timestep_function):
+        super().pre_run(model, percent_to_timestep_function)
+        image = control_image_from_comfy(self.cond_hint_original.movedim(1, -1))
+        self.patch = make_patch(self.file, model, model.model_sampling, image, self.strength,
+                                self.timestep_percent_range)
+
+    def get_control(self, x_noisy, t, cond, batched_number, transformer_options):
+        control_prev = None
+        if self.previous_controlnet is not None:
+            control_prev = self.previous_controlnet.get_control(x_noisy, t, cond, batched_number, transformer_options)
+        if self.patch is not None:
+            patches = dict(transformer_options.get("patches", {}))
+            patches[self.patch.kind] = list(patches.get(self.patch.kind, [])) + [self.patch]
+            transformer_options["patches"] = patches
+        return control_prev
+
+    def get_models(self):
+        return super().get_models() + [self.file.patcher]
+
+    def copy(self):
+        c = ControlNeXtControlNet(self.file)
+        self.copy_to(c)
+        return c
+
+    def cleanup(self):
+        self.patch = None
+        super().cleanup()

@@ -1,0 +1,224 @@
+"""Host tests: the MODEL and CONTROL_NET routes on tiny SD1.5 / SDXL UNets in a real ComfyUI."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import host  # skips this module without a ComfyUI host
+from host import apply, assert_close, conditioning, control_image, count_encoder_runs, loaded, sample, tiny_model
+
+import nodes as comfy_nodes
+
+FAMILY_LAYOUTS = [("sd15", "mid"), ("sd15", "base"), ("sdxl", "base")]
+
+
+def controlnet_route(family, file, image, strength=1.0, start=0.0, end=1.0):
+    control_net = host.loaders.LoadControlNeXt  # the same object the loader's second output carries
+    cnet = host.patch_module.ControlNeXtControlNet(file)
+    positive, negative = comfy_nodes.ControlNetApplyAdvanced().apply_controlnet(
+        conditioning(family, 1), conditioning(family, 2), cnet, image, strength, start, end)
+    assert control_net is not None
+    return positive, negative
+
+
+@pytest.mark.parametrize("family,layout", FAMILY_LAYOUTS)
+def test_control_changes_the_output_and_strength_zero_is_bit_identical(tmp_path, family, layout):
+    model = tiny_model(family)
+    file = loaded(tmp_path, layout)
+    bare = sample(model, family)
+    controlled = sample(apply(model, file, control_image()), family)
+    assert torch.isfinite(controlled).all()
+    assert (controlled - bare).abs().max() > 1e-3
+    assert torch.equal(sample(apply(model, file, control_image(), strength=0.0), family), bare)
+    positive, negative = controlnet_route(family, file, control_image(), strength=0.0)
+    assert torch.equal(sample(model, family, positive=positive, negative=negative), bare)
+
+
+@pytest.mark.parametrize("family,layout", FAMILY_LAYOUTS)
+def test_model_route_and_controlnet_route_agree(tmp_path, family, layout):
+    model = tiny_model(family)
+    file = loaded(tmp_path, layout)
+    image = control_image()
+    via_model = sample(apply(model, file, image, strength=0.8), family)
+    positive, negative = controlnet_route(family, file, image, strength=0.8)
+    via_controlnet = sample(model, family, positive=positive, negative=negative)
+    assert_close(via_model, via_controlnet)
+
+
+def test_input_model_is_unchanged_and_nothing_leaks(tmp_path):
+    model = tiny_model("sd15")
+    options_before = copy.deepcopy(model.model_options)
+    bare = sample(model, "sd15")
+    file = loaded(tmp_path, "mid")
+    first = sample(apply(model, file, control_image(seed=1)), "sd15")
+    assert model.model_options == options_before
+    assert torch.equal(sample(model, "sd15"), bare)
+    # re-queue with new inputs, then the first inputs again: no state carried between runs
+    second = sample(apply(model, file, control_image(seed=2), strength=1.5), "sd15")
+    assert (second - first).abs().max() > 1e-4
+    assert torch.equal(sample(apply(model, file, control_image(seed=1)), "sd15"), first)
+    # the CONTROL_NET route leaves no patch in the model either
+    positive, negative = controlnet_route("sd15", file, control_image(seed=1))
+    sample(model, "sd15", positive=positive, negative=negative)
+    assert torch.equal(sample(model, "sd15"), bare)
+
+
+def test_clones_of_a_patched_model_share_the_patch_and_stay_correct(tmp_path):
+    model = tiny_model("sdxl")
+    file = loaded(tmp_path, "base")
+    patched = apply(model, file, control_image())
+    reference = sample(patched, "sdxl")
+    clone = patched.clone()
+    assert torch.equal(sample(clone, "sdxl"), reference)
+
+
+def test_encoder_runs_once_per_step_for_cond_and_uncond(tmp_path, monkeypatch):
+    model = tiny_model("sd15")
+    file = loaded(tmp_path, "mid")
+    calls = count_encoder_runs(file, monkeypatch)
+    sample(apply(model, file, control_image()), "sd15", batch=2, cfg=3.0, steps=4)
+    assert calls == [1, 1, 1, 1]  # one image, 4 steps, cond+uncond of a batch of 2 share it
+
+
+def test_memory_split_cfg_gives_the_same_result_and_still_encodes_once(tmp_path, monkeypatch):
+    model = tiny_model("sdxl")
+    file = loaded(tmp_path, "base")
+    patched = apply(model, file, control_image())
+    batched = sample(patched, "sdxl", steps=3)
+    calls = count_encoder_runs(file, monkeypatch)
+    seen_chunks = []
+    original = host.patch_module.ControlNeXtPatch.inject
+
+    def spy(self, h, transformer_options):
+        if transformer_options.get("block") == self.block:
+            seen_chunks.append(list(transformer_options["cond_or_uncond"]))
+        return original(self, h, transformer_options)
+
+    monkeypatch.setattr(host.patch_module.ControlNeXtPatch, "inject", spy)
+    # a model that "needs" more memory than any device has: ComfyUI runs cond and uncond apart
+    monkeypatch.setattr(patched.model, "memory_required", lambda *args, **kwargs: 1e30)
+    split = sample(patched, "sdxl", steps=3)
+    assert all(len(chunk) == 1 for chunk in seen_chunks) and len(seen_chunks) == 6
+    assert calls == [1, 1, 1]
+    assert_close(split, batched)
+
+
+def test_cfg_one_runs_the_cond_half_only(tmp_path):
+    model = tiny_model("sd15")
+    file = loaded(tmp_path, "mid")
+    out = sample(apply(model, file, control_image()), "sd15", cfg=1.0)
+    assert torch.isfinite(out).all()
+    assert (out - sample(model, "sd15", cfg=1.0)).abs().max() > 1e-3
+
+
+def test_start_end_percent_and_mask_act_where_they_should(tmp_path, monkeypatch):
+    model = tiny_model("sdxl")
+    file = loaded(tmp_path, "base")
+    image = control_image()
+    bare = sample(model, "sdxl", steps=4)
+    full = sample(apply(model, file, image), "sdxl", steps=4)
+    calls = count_encoder_runs(file, monkeypatch)
+    first_half = sample(apply(model, file, image, start=0.0, end=0.5), "sdxl", steps=4)
+    assert 1 <= len(calls) < 4
+    assert (first_half - full).abs().max() > 1e-5 and (first_half - bare).abs().max() > 1e-5
+    calls.clear()
+    assert torch.equal(sample(apply(model, file, image, start=1.0, end=1.0), "sdxl", steps=4), bare)
+    assert calls == []
+    # a black mask removes control everywhere; a white one changes nothing
+    assert torch.equal(sample(apply(model, file, image, mask=torch.zeros(1, 64, 64)), "sdxl", steps=4), bare)
+    white = sample(apply(model, file, image, mask=torch.ones(64, 64)), "sdxl", steps=4)
+    assert_close(white, full)
+    left = torch.zeros(1, 64, 64)
+    left[:, :, :32] = 1
+    half = sample(apply(model, file, image, mask=left), "sdxl", steps=1, cfg=1.0)
+    bare_1 = sample(model, "sdxl", steps=1, cfg=1.0)
+    full_1 = sample(apply(model, file, image), "sdxl", steps=1, cfg=1.0)
+    assert (half - bare_1)[..., :3].abs().max() > 1e-4 and (half - full_1).abs().max() > 1e-4
+
+
+def test_sd15_with_a_base_file_injects_after_the_first_down_block(tmp_path, monkeypatch):
+    model = tiny_model("sd15")
+    file = loaded(tmp_path, "base")
+    patched = apply(model, file, control_image())
+    (patch,) = patched.model_options["transformer_options"]["patches"]["input_block_patch_after_skip"]
+    assert patch.block == ("input", 2)  # conv_in, one res block, then the first downsampler
+    blocks = []
+    original = host.patch_module.ControlNeXtPatch.inject
+
+    def spy(self, h, transformer_options):
+        out = original(self, h, transformer_options)
+        if out is not h:
+            blocks.append(transformer_options["block"])
+        return out
+
+    monkeypatch.setattr(host.patch_module.ControlNeXtPatch, "inject", spy)
+    sample(patched, "sd15", steps=2)
+    assert set(blocks) == {("input", 2)}
+    mid = apply(model, loaded(tmp_path, "mid"), control_image())
+    assert mid.model_options["transformer_options"]["patches"]["output_block_patch"][0].block == ("output", 0)
+    sdxl = apply(tiny_model("sdxl"), file, control_image())
+    assert sdxl.model_options["transformer_options"]["patches"]["input_block_patch_after_skip"][0].block == ("input", 0)
+
+
+@pytest.mark.parametrize("images", [1, 2])
+def test_batches_take_one_image_or_one_per_latent(tmp_path, images):
+    model = tiny_model("sd15")
+    file = loaded(tmp_path, "mid")
+    out = sample(apply(model, file, control_image(batch=images)), "sd15", batch=2)
+    assert out.shape[0] == 2 and torch.isfinite(out).all()
+    if images == 2:  # each latent follows its own image
+        single = sample(apply(model, file, control_image(batch=2)[:1]), "sd15", batch=2)
+        assert_close(out[0], single[0])
+        assert (out[1] - single[1]).abs().max() > 1e-3 * single[1].abs().max()
+
+
+def test_image_count_that_matches_nothing_is_a_clear_error(tmp_path):
+    model = tiny_model("sd15")
+    file = loaded(tmp_path, "mid")
+    with pytest.raises(host.core.ControlNeXtError, match="3 control images for a batch of 2 latents"):
+        sample(apply(model, file, control_image(batch=3)), "sd15", batch=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models(tmp_path, dtype):
+    model = tiny_model("sdxl", dtype=dtype)
+    file = loaded(tmp_path, "base")
+    bare = sample(model, "sdxl", steps=2)
+    out = sample(apply(model, file, control_image()), "sdxl", steps=2)
+    assert torch.isfinite(out).all() and (out - bare).abs().max() > 1e-3
+    assert torch.equal(sample(apply(model, file, control_image(), strength=0.0), "sdxl", steps=2), bare)
+    assert file.encoder.mid_convs[1].weight.dtype == torch.float32  # stored weights are never cast
+
+
+def test_wrong_family_is_refused_before_sampling(tmp_path):
+    mid = loaded(tmp_path, "mid")
+    with pytest.raises(host.core.ControlNeXtError,
+                       match=r"'controlnext_mid.safetensors' on a SDXL model \(SDXL\).*cannot serve a SDXL model; "
+                             r"it serves SD1.5"):
+        apply(tiny_model("sdxl"), mid, control_image())
+    refiner_config = dict(host.UNET_CONFIGS["sdxl"], adm_in_channels=2560)
+    with pytest.raises(host.core.ControlNeXtError, match="cannot be applied to this SDXLRefiner model"):
+        apply(_unsupported_model(refiner_config), mid, control_image())
+    with pytest.raises(host.core.ControlNeXtError, match="start_percent \\(0.8\\) is after end_percent \\(0.2\\)"):
+        apply(tiny_model("sd15"), mid, control_image(), start=0.8, end=0.2)
+
+
+def _unsupported_model(unet_config):
+    import comfy.supported_models
+    model_config = comfy.supported_models.SDXLRefiner(unet_config)
+    model_config.set_inference_dtype(torch.float32, None)
+    base = model_config.get_model({})
+    return comfy.model_patcher.ModelPatcher(base, comfy.model_management.get_torch_device(),
+                                            comfy.model_management.unet_offload_device())
+
+
+def test_control_image_conversions(tmp_path):
+    convert = host.patch_module.control_image_from_comfy
+    assert convert(torch.rand(2, 16, 16, 1)).shape == (2, 3, 16, 16)
+    assert convert(torch.rand(1, 16, 16, 4)).shape == (1, 3, 16, 16)
+    with pytest.raises(host.core.ControlNeXtError, match="has 2 channels"):
+        convert(torch.rand(1, 16, 16, 2))
+    with pytest.raises(host.core.ControlNeXtError, match="N >= 1"):
+        convert(torch.rand(0, 16, 16, 3))

@@ -146,3 +146,27 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5
     scale = expected.abs().max().clamp_min(1e-6)
     difference = (actual - expected).abs().max()
     assert difference <= rel * scale, f"max |difference| {difference:.3g} is over {rel:g} x {scale:.3g}"
+
+
+REAL_UNET_CONFIGS = {  # as ComfyUI detects them from the released base checkpoints
+    "sd15": dict(use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
+                 adm_in_channels=None, in_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
+                 transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], channel_mult=[1, 2, 4, 4], transformer_depth_middle=1,
+                 use_linear_in_transformer=False, context_dim=768, num_classes=None,
+                 transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], use_temporal_resblock=False,
+                 use_temporal_attention=False),
+    "sdxl": dict(use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
+                 num_classes="sequential", adm_in_channels=2816, in_channels=4, model_channels=320,
+                 num_res_blocks=[2, 2, 2], transformer_depth=[0, 0, 2, 2, 10, 10], channel_mult=[1, 2, 4],
+                 transformer_depth_middle=10, use_linear_in_transformer=True, context_dim=2048,
+                 transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], use_temporal_resblock=False,
+                 use_temporal_attention=False),
+}
+
+
+def real_size_model_on_meta(family: str) -> comfy.model_patcher.ModelPatcher:
+    """The full-size architecture with no memory behind it: for name and shape checks."""
+    model_config = MODEL_CONFIG_CLASSES[family](dict(REAL_UNET_CONFIGS[family]))
+    model_config.set_inference_dtype(torch.float16, None)
+    base = model_config.get_model({}, device="meta")
+    return comfy.model_patcher.ModelPatcher(base, torch.device("meta"), torch.device("meta"))

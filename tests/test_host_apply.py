@@ -9,17 +9,18 @@ import torch
 import host  # skips this module without a ComfyUI host
 from host import apply, assert_close, conditioning, control_image, count_encoder_runs, loaded, sample, tiny_model
 
+import comfy.model_management
+import comfy.model_patcher
+import comfy.supported_models
 import nodes as comfy_nodes
 
 FAMILY_LAYOUTS = [("sd15", "mid"), ("sd15", "base"), ("sdxl", "base")]
 
 
 def controlnet_route(family, file, image, strength=1.0, start=0.0, end=1.0):
-    control_net = host.loaders.LoadControlNeXt  # the same object the loader's second output carries
-    cnet = host.patch_module.ControlNeXtControlNet(file)
+    cnet = host.patch_module.ControlNeXtControlNet(file)  # what Load ControlNeXt's second output carries
     positive, negative = comfy_nodes.ControlNetApplyAdvanced().apply_controlnet(
         conditioning(family, 1), conditioning(family, 2), cnet, image, strength, start, end)
-    assert control_net is not None
     return positive, negative
 
 
@@ -206,7 +207,6 @@ def test_wrong_family_is_refused_before_sampling(tmp_path):
 
 
 def _unsupported_model(unet_config):
-    import comfy.supported_models
     model_config = comfy.supported_models.SDXLRefiner(unet_config)
     model_config.set_inference_dtype(torch.float32, None)
     base = model_config.get_model({})

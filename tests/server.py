@@ -1,0 +1,121 @@
+"""A real ComfyUI server for tests: started headless on 127.0.0.1 with a temporary base
+directory holding this pack (and the test helper nodes), driven through its HTTP API."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+from conftest import COMFYUI_PATH, PACK_ROOT
+
+PACK_LINK_NAME = "ComfyUI-ControlNeXt"
+TEST_NODES = os.path.join(PACK_ROOT, "tests", "server_nodes")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_base_directory(base: str, with_test_nodes: bool = True) -> str:
+    custom_nodes = os.path.join(base, "custom_nodes")
+    os.makedirs(custom_nodes, exist_ok=True)
+    os.symlink(PACK_ROOT, os.path.join(custom_nodes, PACK_LINK_NAME))
+    if with_test_nodes:
+        os.symlink(TEST_NODES, os.path.join(custom_nodes, "controlnext_test_nodes"))
+    for folder in ("models/controlnext", "models/controlnet", "input", "output"):
+        os.makedirs(os.path.join(base, folder), exist_ok=True)
+    return base
+
+
+def comfy_command(base: str, *extra: str) -> list[str]:
+    return [sys.executable, "main.py", "--cpu", "--disable-auto-launch", "--base-directory", base,
+            "--database-url", "sqlite:///:memory:", *extra]
+
+
+def read_log(path: str) -> str:
+    with open(path, errors="replace") as file:
+        return ANSI.sub("", file.read())
+
+
+class ComfyServer:
+    def __init__(self, base: str):
+        self.base = base
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = os.path.join(base, "server.log")
+        self.client_id = uuid.uuid4().hex
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 90.0) -> "ComfyServer":
+        log = open(self.log_path, "w")
+        self.process = subprocess.Popen(comfy_command(self.base, "--listen", "127.0.0.1", "--port", str(self.port)),
+                                        cwd=COMFYUI_PATH, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {self.process.returncode}:\n{self.log()[-3000:]}")
+            try:
+                self.get("/object_info/KSampler")
+                return self
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"ComfyUI did not answer within {timeout} s:\n{self.log()[-3000:]}")
+
+    def log(self) -> str:
+        return read_log(self.log_path)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=30) as response:
+            return json.loads(response.read())
+
+    def post(self, path: str, payload: dict) -> tuple[int, dict]:
+        request = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                body = response.read()
+                return response.status, json.loads(body) if body else {}
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read() or b"{}")
+
+    def run(self, prompt: dict, timeout: float = 300.0) -> dict:
+        """Queue an API-format graph and wait for its history entry."""
+        status, answer = self.post("/prompt", {"prompt": prompt, "client_id": self.client_id})
+        if status != 200:
+            raise AssertionError(f"/prompt answered {status}: {answer}")
+        prompt_id = answer["prompt_id"]
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            history = self.get(f"/history/{prompt_id}")
+            if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
+                entry = history[prompt_id]
+                if entry["status"].get("status_str") in ("success", "error"):
+                    return entry
+            time.sleep(0.2)
+        raise AssertionError(f"prompt {prompt_id} did not finish within {timeout} s:\n{self.log()[-3000:]}")
+
+
+def execution_error(entry: dict) -> str:
+    for kind, data in entry["status"].get("messages", []):
+        if kind == "execution_error":
+            return data.get("exception_message", "")
+    return ""

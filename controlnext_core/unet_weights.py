@@ -1,9 +1,9 @@
-"""Partial UNet weights shipped with some releases, as weight differences (spec §3).
+"""UNet weights shipped with some releases, as reversible weight patches (spec §3).
 
-SDXL releases ship deltas (``unet_weight_increasements``: add to the base weights, so they
-work on any SDXL fine-tune); SD1.5 releases ship a subset of full weights that replaces the
-base's. Both become one difference per weight, ``W' = W + strength * diff``, which a host can
-apply and remove without keeping a copy of the base UNet.
+SDXL releases ship deltas (``unet_weight_increasements``: added to the base weights, so they
+work on any SDXL fine-tune); SD1.5 releases ship a subset of full weights and SVD-v2 a whole
+UNet, which replace the base's. A patch is ("add", diff): ``W' = W + strength * diff``, or
+("set", value) for a replacement at full strength, which needs no copy of the base weight.
 """
 from __future__ import annotations
 
@@ -18,17 +18,19 @@ MODES = ("auto", "add", "replace")
 OFFICIAL_MODE = {"sdxl": "add", "sd15": "replace", "svd": "replace"}
 
 
-def unet_weight_diffs(
+def unet_weight_patches(
     file_weights: Mapping[str, torch.Tensor],
     key_map: Mapping[str, str],
     model_weights: Mapping[str, torch.Tensor],
     mode: str,
-) -> dict[str, torch.Tensor]:
-    """Map every file key onto a model weight and return ``{model key: diff}``.
+    strength: float = 1.0,
+) -> dict[str, tuple[str, torch.Tensor]]:
+    """Map every file key onto a model weight: ``{model key: ("add", diff) or ("set", value)}``.
 
     ``key_map`` maps file names (diffusers or the host's own) to model keys; ``mode`` is "add"
-    (the file holds deltas) or "replace" (the file holds full weights). A key that maps to
-    nothing, or a shape that differs, is an error naming it: nothing is dropped silently.
+    (the file holds deltas) or "replace" (the file holds full weights); an "add" patch is meant
+    to be applied with ``strength``. A key that maps to nothing, or a shape that differs, is an
+    error naming it: nothing is dropped silently.
     """
     if mode not in ("add", "replace"):
         raise ControlNeXtError(f"Unknown UNet weight mode {mode!r}: use 'add' (deltas) or 'replace' (full weights).")
@@ -41,7 +43,7 @@ def unet_weight_diffs(
             f"(first: {', '.join(unmapped[:3])}). The file is for another model family or architecture, "
             f"or it is not a ControlNeXt UNet file."
         )
-    diffs = {}
+    patches = {}
     for name, value in file_weights.items():
         key = key_map[name]
         base = model_weights[key]
@@ -53,7 +55,9 @@ def unet_weight_diffs(
         if not value.is_floating_point() or not torch.isfinite(value).all():
             raise ControlNeXtError(f"UNet weight '{name}' holds NaN, infinite or non-float values: the file is corrupt.")
         if mode == "add":
-            diffs[key] = value
+            patches[key] = ("add", value)
+        elif strength == 1.0:
+            patches[key] = ("set", value)
         else:
-            diffs[key] = value.float() - base.detach().to(device=value.device, dtype=torch.float32)
-    return diffs
+            patches[key] = ("add", value.float() - base.detach().to(device=value.device, dtype=torch.float32))
+    return patches

@@ -3,20 +3,19 @@ from __future__ import annotations
 
 import os
 
-import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
 from ..controlnext_core import ControlNeXtError, load_encoder, load_state_dict_file
 from ..controlnext_core.families import FAMILY_NAMES, LAYOUT_DESCRIPTIONS
-from ..controlnext_core.unet_weights import MODES, OFFICIAL_MODE, unet_weight_diffs
+from ..controlnext_core.unet_weights import MODES, OFFICIAL_MODE, unet_weight_patches
 from .patch import ControlNeXtControlNet, ControlNeXtFile, model_family, model_type_name
+from .unet_keys import unet_key_map
 
 CATEGORY = "ControlNeXt"
 FOLDER = "controlnext"
 SEARCHED_FOLDERS = (FOLDER, "controlnet")  # our folder first, then the usual ControlNet folder
 ControlNeXtType = io.Custom("CONTROLNEXT")
-UNET_PREFIXES = ("input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "label_emb.", "out.")
 
 
 def register_model_folder() -> None:
@@ -76,15 +75,31 @@ class LoadControlNeXt(io.ComfyNode):
         return io.NodeOutput(file, ControlNeXtControlNet(file), ui={"controlnext_info": [summary]})
 
 
-def unet_key_map(model) -> dict[str, str]:
-    """File names (diffusers, LDM, or full-checkpoint LDM) -> this model's state-dict keys."""
-    unet_config = model.model.model_config.unet_config
-    key_map = {diffusers: f"diffusion_model.{ldm}" for diffusers, ldm in comfy.utils.unet_to_diffusers(unet_config).items()}
-    for key in model.model_state_dict(filter_prefix="diffusion_model."):
-        ldm = key[len("diffusion_model."):]
-        key_map[ldm] = key
-        key_map[f"model.diffusion_model.{ldm}"] = key
-    return key_map
+def patch_unet_weights(model, unet_name: str, strength: float, mode: str):
+    """A clone of ``model`` with a release's UNet file as patches; the input is untouched."""
+    family = model_family(model.model)
+    if family is None:
+        raise ControlNeXtError(
+            f"ControlNeXt UNet weights apply to SD1.5, SDXL and SVD models; this is a "
+            f"{model_type_name(model.model)} model.")
+    path = resolve(unet_name)
+    patched = model.clone()
+    if strength == 0:
+        return patched
+    file_weights = load_state_dict_file(path)
+    if mode == "auto":
+        mode = OFFICIAL_MODE[family]
+    originals = {key: entries[0][0] for key, entries in model.get_key_patches("diffusion_model.").items()}
+    try:
+        patches = unet_weight_patches(file_weights, unet_key_map(model), originals, mode, strength)
+    except ControlNeXtError as error:
+        raise ControlNeXtError(f"'{unet_name}' on this {FAMILY_NAMES[family]} model: {error}") from None
+    comfy_patches = {key: (value,) if kind == "add" else ("set", (value,)) for key, (kind, value) in patches.items()}
+    matched = patched.add_patches(comfy_patches, strength)
+    missed = sorted(set(comfy_patches) - set(matched))
+    if missed:
+        raise ControlNeXtError(f"ComfyUI did not accept {len(missed)} UNet weights ({', '.join(missed[:3])}).")
+    return patched
 
 
 class LoadControlNeXtUNetWeights(io.ComfyNode):
@@ -94,42 +109,22 @@ class LoadControlNeXtUNetWeights(io.ComfyNode):
             node_id="ControlNeXtUNetWeights",
             display_name="Load ControlNeXt UNet Weights",
             category=CATEGORY,
-            description="Applies the partial UNet weights of a ControlNeXt release (SDXL "
-                        "unet_weight_increasements, SD1.5 unet.safetensors) as reversible patches on a copy "
-                        "of the model.",
+            description="Applies the UNet weights of a ControlNeXt release (SDXL "
+                        "unet_weight_increasements, SD1.5 unet.safetensors, SVD-v2 unet.bin) as reversible "
+                        "patches on a copy of the model.",
             inputs=[
-                io.Model.Input("model", tooltip="The SD1.5 or SDXL model the release was trained on (or a fine-tune)."),
+                io.Model.Input("model", tooltip="The model the release was trained on (SD1.5, SDXL or a fine-tune, SVD-XT 1.1)."),
                 io.Combo.Input("unet_name", options=model_files(),
                                tooltip="The release's UNet file, from models/controlnext or models/controlnet."),
                 io.Float.Input("strength", default=1.0, min=0.0, max=2.0, step=0.01,
                                tooltip="1.0 applies the file as released; 0 leaves the model unchanged."),
                 io.Combo.Input("mode", options=list(MODES), default="auto",
-                               tooltip="auto: SDXL files are deltas added to the weights, SD1.5 files replace "
-                                       "them (the official releases). add / replace force one meaning."),
+                               tooltip="auto: SDXL files are deltas added to the weights, SD1.5 and SVD files "
+                                       "replace them (the official releases). add / replace force one meaning."),
             ],
             outputs=[io.Model.Output(tooltip="A patched copy; the input MODEL is unchanged.")],
         )
 
     @classmethod
     def execute(cls, model, unet_name: str, strength: float, mode: str) -> io.NodeOutput:
-        family = model_family(model.model)
-        if family not in ("sd15", "sdxl"):
-            raise ControlNeXtError(
-                f"ControlNeXt UNet weights apply to SD1.5 and SDXL models; this is a {model_type_name(model.model)} "
-                f"model.")
-        file_weights = load_state_dict_file(resolve(unet_name))
-        if mode == "auto":
-            mode = OFFICIAL_MODE[family]
-        originals = {key: entries[0][0] for key, entries in model.get_key_patches("diffusion_model.").items()}
-        try:
-            diffs = unet_weight_diffs(file_weights, unet_key_map(model), originals, mode)
-        except ControlNeXtError as error:
-            raise ControlNeXtError(f"'{unet_name}' on this {FAMILY_NAMES[family]} model: {error}") from None
-        patched = model.clone()
-        if strength == 0:
-            return io.NodeOutput(patched)
-        matched = patched.add_patches({key: (diff,) for key, diff in diffs.items()}, strength)
-        missed = sorted(set(diffs) - set(matched))
-        if missed:
-            raise ControlNeXtError(f"ComfyUI did not accept {len(missed)} UNet weights ({', '.join(missed[:3])}).")
-        return io.NodeOutput(patched)
+        return io.NodeOutput(patch_unet_weights(model, unet_name, strength, mode))

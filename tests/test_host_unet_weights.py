@@ -16,6 +16,7 @@ import comfy.utils
 import folder_paths
 
 UnetWeights = host.loaders.LoadControlNeXtUNetWeights
+unet_key_map = host.importlib.import_module(f"{host.PACK_NAME}.nodes.unet_keys").unet_key_map
 
 
 @pytest.fixture
@@ -31,7 +32,7 @@ def models_folder(tmp_path, monkeypatch):
 @pytest.mark.parametrize("family,fixture", [("sdxl", "sdxl_unet_deltas"), ("sd15", "sd15_unet_subset")])
 def test_every_official_unet_key_lands_on_a_distinct_weight_of_the_real_architecture(family, fixture):
     model = real_size_model_on_meta(family)
-    key_map = host.loaders.unet_key_map(model)
+    key_map = unet_key_map(model)
     state = model.model_state_dict(filter_prefix="diffusion_model.")
     official = OFFICIAL_KEYS[fixture]
     targets = {key_map[name] for name in official}
@@ -63,7 +64,7 @@ def test_sdxl_deltas_are_added_reversibly(models_folder):
     safetensors.torch.save_file(deltas, os.path.join(models_folder, "unet_weight_increasements.safetensors"))
     bare = sample(model, "sdxl", steps=2)
     patched = UnetWeights.execute(model, "unet_weight_increasements.safetensors", 1.0, "auto").result[0]
-    key_map = host.loaders.unet_key_map(model)
+    key_map = unet_key_map(model)
     originals = model.model_state_dict()
     after = _patched_weights(patched, [key_map[k] for k in deltas])
     for name, delta in deltas.items():
@@ -78,7 +79,7 @@ def test_sd15_subset_replaces_weights_and_strength_interpolates(models_folder):
     model = tiny_model("sd15")
     weights = _tiny_to_out_weights(model, "attn", seed=2, scale=0.05)
     safetensors.torch.save_file(weights, os.path.join(models_folder, "unet.safetensors"))
-    key_map = host.loaders.unet_key_map(model)
+    key_map = unet_key_map(model)
     originals = model.model_state_dict()
     full = UnetWeights.execute(model, "unet.safetensors", 1.0, "auto").result[0]
     half = UnetWeights.execute(model, "unet.safetensors", 0.5, "auto").result[0]

@@ -5,11 +5,13 @@ from comfy_api.latest import ComfyExtension, io
 
 from .apply import ApplyControlNeXt
 from .loaders import LoadControlNeXt, LoadControlNeXtUNetWeights
+from .video import ApplyControlNeXtSVD, ControlNeXtSVDWindowGuider, LoadControlNeXtSVD
 
 
 class ControlNeXtExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [LoadControlNeXt, ApplyControlNeXt, LoadControlNeXtUNetWeights]
+        return [LoadControlNeXt, ApplyControlNeXt, LoadControlNeXtUNetWeights,
+                LoadControlNeXtSVD, ApplyControlNeXtSVD, ControlNeXtSVDWindowGuider]
 
 
 def comfy_entrypoint() -> ControlNeXtExtension:

@@ -5,7 +5,7 @@ from comfy_api.latest import io
 
 from ..controlnext_core import ControlNeXtError
 from .loaders import CATEGORY, ControlNeXtType
-from .patch import control_image_from_comfy, make_patch
+from .patch import control_image_from_comfy, make_patch, model_family
 
 
 def check_percent_range(start_percent: float, end_percent: float) -> None:
@@ -46,6 +46,9 @@ class ApplyControlNeXt(io.ComfyNode):
     def execute(cls, model, controlnext, image, strength: float, start_percent: float, end_percent: float,
                 mask=None) -> io.NodeOutput:
         check_percent_range(start_percent, end_percent)
+        if model_family(model.model) == "svd":
+            raise ControlNeXtError("This is a Stable Video Diffusion model: use Load ControlNeXt SVD and Apply "
+                                   "ControlNeXt SVD, which take one pose image per video frame.")
         patched = model.clone()
         if strength == 0:
             return io.NodeOutput(patched)

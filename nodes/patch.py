@@ -12,11 +12,16 @@ import comfy.model_patcher
 from ..controlnext_core import ControlNeXt, ControlNeXtError, add_unit_control, bind, injection_block, injection_channels, resize_control, unit_control
 from ..controlnext_core.encoders import ConditionEncoder
 from ..controlnext_core.families import FAMILY_NAMES, LAYOUT_DESCRIPTIONS
+from ..controlnext_core.video import resample_frames
 
 # ComfyUI model config class (or a base class of it) -> ControlNeXt family.
 FAMILY_BY_CONFIG = {"SD15": "sd15", "SDXL": "sdxl", "SVD_img2vid": "svd"}
 PATCH_KIND = {"input": "input_block_patch_after_skip", "output": "output_block_patch"}
 LATENT_SCALE = 8  # SD1.5, SDXL and SVD VAEs all downscale by 8
+# transformer_options keys our window guider sets: the control frame of each row, and the video length.
+WINDOW_CONTROL_FRAMES = "controlnext_control_frames"
+VIDEO_FRAMES = "controlnext_video_frames"
+FRAME_POLICIES = ("error", "resample")
 
 
 def model_type_name(base_model) -> str:
@@ -77,7 +82,7 @@ class ControlNeXtPatch:
 
     def __init__(self, controlnext: ControlNeXt, patcher, image: torch.Tensor, strength: float,
                  sigma_range: tuple[float, float], block: tuple[str, int], model_sampling,
-                 mask: torch.Tensor | None = None, cond_only: bool = False):
+                 mask: torch.Tensor | None = None, cond_only: bool = False, frame_policy: str = "error"):
         self.controlnext = controlnext
         self.patcher = patcher
         self.image = image
@@ -87,6 +92,7 @@ class ControlNeXtPatch:
         self.block = block
         self.kind = PATCH_KIND[block[0]]
         self.model_sampling = model_sampling
+        self.frame_policy = frame_policy
         self._memo: tuple | None = None
 
     def __deepcopy__(self, memo):
@@ -112,7 +118,7 @@ class ControlNeXtPatch:
         rows = h.shape[0] // len(chunks)
         if len(sigma_values) != rows:
             sigmas, sigma_values = sigmas[:1].expand(rows), sigma_values[:1] * rows
-        unit = self._unit_control(h, sigmas, sigma_values, rows, transformer_options["original_shape"])
+        unit = self._unit_control(h, sigmas, sigma_values, rows, transformer_options)
         mask = self._mask_rows(rows)
         rule = self.controlnext.rule
         pieces = [h[i * rows:(i + 1) * rows] for i in range(len(chunks))]
@@ -120,23 +126,18 @@ class ControlNeXtPatch:
                   for piece, gain in zip(pieces, gains)]
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
-    def _unit_control(self, h, sigmas, sigma_values, rows, original_shape) -> torch.Tensor:
+    def _unit_control(self, h, sigmas, sigma_values, rows, transformer_options) -> torch.Tensor:
         size = tuple(h.shape[-2:])
-        latent_size = tuple(original_shape[-2:])
-        key = (tuple(sigma_values), size, latent_size, rows, h.device, h.dtype)
+        latent_size = tuple(transformer_options["original_shape"][-2:])
+        frames = self._control_frames(transformer_options, rows)
+        key = (tuple(sigma_values), size, latent_size, rows, frames, h.device, h.dtype)
         memo = self._memo
         if memo is not None and memo[0] == key:
             return memo[1]
-        count = self.image.shape[0]
-        if count not in (1, rows):
-            raise ControlNeXtError(
-                f"{count} control images for a batch of {rows} latents: give one image (used for the whole "
-                f"batch) or exactly {rows}, one per latent{' frame' if self.controlnext.family == 'svd' else ''}."
-            )
-        image = resize_control(self.image, latent_size[0] * LATENT_SCALE, latent_size[1] * LATENT_SCALE)
-        image = image.to(h.device)
+        images = self._images_for(rows, frames, transformer_options)
+        image = resize_control(images, latent_size[0] * LATENT_SCALE, latent_size[1] * LATENT_SCALE).to(h.device)
         timesteps = self.model_sampling.timestep(sigmas).float()
-        if count == 1 and len(set(sigma_values)) == 1:
+        if image.shape[0] == 1 and len(set(sigma_values)) == 1:
             timesteps = timesteps[:1]
         else:
             image = image.expand(rows, -1, -1, -1)
@@ -144,6 +145,43 @@ class ControlNeXtPatch:
         unit = unit_control(control, size, self.controlnext.rule)
         self._memo = (key, unit)
         return unit
+
+    @staticmethod
+    def _control_frames(transformer_options, rows: int) -> tuple[int, ...] | None:
+        """The video frame of each row under a window: ours (first frame swapped for the video's
+        first, as the official pipeline does) or ComfyUI's context windows (plain slice)."""
+        frames = transformer_options.get(WINDOW_CONTROL_FRAMES)
+        if frames is None and transformer_options.get("context_window") is not None:
+            frames = transformer_options["context_window"].index_list
+        if frames is None:
+            return None
+        frames = tuple(int(f) for f in frames)
+        if len(frames) != rows:
+            raise ControlNeXtError(f"A context window lists {len(frames)} frames for {rows} latent rows; "
+                                   f"use one video per batch with ControlNeXt.")
+        return frames
+
+    def _images_for(self, rows: int, frames: tuple[int, ...] | None, transformer_options) -> torch.Tensor:
+        """The control image of each row (or one image for all rows)."""
+        count = self.image.shape[0]
+        video = self.controlnext.family == "svd"
+        unit = "frames" if video else "latents"
+        total = transformer_options.get(VIDEO_FRAMES, rows if frames is None else None)
+        images = self.image
+        if count != 1 and total is not None and count != total:
+            if self.frame_policy != "resample":
+                raise ControlNeXtError(
+                    f"{count} control images for {total} {unit}: give "
+                    f"{'one per video frame' if video else f'one image (used for the whole batch) or exactly {total}'}"
+                    f"{', or set frame_count to resample' if video else ''}.")
+            images = resample_frames(images, total)
+        if frames is None or images.shape[0] == 1:
+            return images
+        if max(frames) >= images.shape[0]:
+            raise ControlNeXtError(
+                f"The video window reaches frame {max(frames) + 1} but there are only {images.shape[0]} control "
+                f"images: give one per video frame.")
+        return images[list(frames)]
 
     def _mask_rows(self, rows: int) -> torch.Tensor | None:
         if self.mask is None:
@@ -166,7 +204,7 @@ class OutputBlockPatch(ControlNeXtPatch):
 
 def make_patch(file: ControlNeXtFile, base_model, model_sampling, image: torch.Tensor, strength: float,
                percent_range: tuple[float, float], mask: torch.Tensor | None = None,
-               cond_only: bool = False) -> ControlNeXtPatch:
+               cond_only: bool = False, frame_policy: str = "error") -> ControlNeXtPatch:
     """Bind ``file`` to ``base_model``'s family and build the patch for its injection block.
 
     Raises ControlNeXtError, before any sampling, when the file cannot serve the model.
@@ -182,7 +220,8 @@ def make_patch(file: ControlNeXtFile, base_model, model_sampling, image: torch.T
             f"ControlNeXt {FAMILY_NAMES[controlnext.family]} releases are made for.")
     patch_class = OutputBlockPatch if block[0] == "output" else InputBlockPatch
     sigma_range = (model_sampling.percent_to_sigma(percent_range[0]), model_sampling.percent_to_sigma(percent_range[1]))
-    return patch_class(controlnext, file.patcher, image, strength, sigma_range, block, model_sampling, mask, cond_only)
+    return patch_class(controlnext, file.patcher, image, strength, sigma_range, block, model_sampling, mask,
+                       cond_only, frame_policy)
 
 
 def control_image_from_comfy(image: torch.Tensor) -> torch.Tensor:

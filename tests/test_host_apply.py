@@ -178,7 +178,7 @@ def test_batches_take_one_image_or_one_per_latent(tmp_path, images):
 def test_image_count_that_matches_nothing_is_a_clear_error(tmp_path):
     model = tiny_model("sd15")
     file = loaded(tmp_path, "mid")
-    with pytest.raises(host.core.ControlNeXtError, match="3 control images for a batch of 2 latents"):
+    with pytest.raises(host.core.ControlNeXtError, match=r"3 control images for 2 latents: give one image \(used for the whole batch\) or exactly 2"):
         sample(apply(model, file, control_image(batch=3)), "sd15", batch=2)
 
 

@@ -58,6 +58,9 @@ def conditioning(family: str, seed: int) -> list:
     extra = {}
     if family == "sdxl":
         extra = {"pooled_output": torch.randn(1, 1280, generator=generator)}
+    if family == "svd":  # what SVD_img2vid_Conditioning attaches (the image latent is added by the caller)
+        extra = {"fps": 6, "motion_bucket_id": 127, "augmentation_level": 0.0,
+                 "concat_latent_image": torch.randn(1, 4, 8, 8, generator=generator)}
     return [[torch.randn(1, 77, CONTEXT_DIM, generator=generator), extra]]
 
 
@@ -83,3 +86,14 @@ def real_size_model_on_meta(family: str) -> comfy.model_patcher.ModelPatcher:
     model_config.set_inference_dtype(torch.float16, None)
     base = model_config.get_model({}, device="meta")
     return comfy.model_patcher.ModelPatcher(base, torch.device("meta"), torch.device("meta"))
+
+
+# Two levels only: SVD-v2 injects after level 0 (320 channels), and video UNets are slow on a CPU.
+SVD_CONFIG = dict(_COMMON, in_channels=8, num_res_blocks=[1, 1], channel_mult=[1, 2], transformer_depth=[1, 1],
+                  transformer_depth_output=[1, 1, 1, 1],
+                  use_linear_in_transformer=True, num_classes="sequential", adm_in_channels=768,
+                  use_temporal_attention=True, use_temporal_resblock=True, extra_ff_mix_layer=True,
+                  use_spatial_context=True, merge_strategy="learned_with_images", merge_factor=0.0,
+                  video_kernel_size=[3, 1, 1], disable_temporal_crossattention=False, max_ddpm_temb_period=10000)
+UNET_CONFIGS["svd"] = SVD_CONFIG
+MODEL_CONFIG_CLASSES["svd"] = comfy.supported_models.SVD_img2vid

@@ -1,0 +1,120 @@
+"""Host tests: ControlNeXt-SVD on a shallow random-weight SVD UNet in a real ComfyUI."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import host  # skips this module without a ComfyUI host
+from host import conditioning, control_image, count_encoder_runs, loaded, tiny_model
+
+import comfy.sample
+import comfy.samplers
+
+video = host.importlib.import_module(f"{host.PACK_NAME}.nodes.video")
+patch_module = host.patch_module
+POSITIVE, NEGATIVE = conditioning("svd", 1), conditioning("svd", 2)
+
+
+def sample_video(model, frames: int, cfg: float = 2.0, steps: int = 2, guider=None, size: int = 8) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    noise = torch.randn(frames, 4, size, size, generator=generator)
+    latent = torch.zeros(frames, 4, size, size)
+    if guider is None:
+        return comfy.sample.sample(model, noise, steps, cfg, "euler", "karras", POSITIVE, NEGATIVE, latent,
+                                   seed=1, disable_pbar=True)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "karras", steps)
+    return guider.sample(noise, latent, comfy.samplers.sampler_object("euler"), sigmas, seed=1, disable_pbar=True)
+
+
+def apply_svd(model, file, poses, strength=1.0, frame_count="error", cond_only=False):
+    return video.ApplyControlNeXtSVD.execute(model, file, poses, strength, 0.0, 1.0, frame_count, cond_only).result[0]
+
+
+@pytest.fixture(scope="module")
+def svd_file(tmp_path_factory):
+    return loaded(tmp_path_factory.mktemp("svd"), "base")
+
+
+def test_strength_zero_is_bare_svd_and_control_changes_it(svd_file):
+    model = tiny_model("svd")
+    poses = control_image(batch=4)
+    for cfg in (1.0, 2.5):
+        bare = sample_video(model, 4, cfg=cfg, steps=1)
+        assert torch.equal(sample_video(apply_svd(model, svd_file, poses, strength=0.0), 4, cfg=cfg, steps=1), bare)
+        controlled = sample_video(apply_svd(model, svd_file, poses), 4, cfg=cfg, steps=1)
+        assert torch.isfinite(controlled).all() and (controlled - bare).abs().max() > 1e-3
+
+
+def _options(model, frames: int, chunks: list[int]) -> dict:
+    sigma = model.get_model_object("model_sampling").percent_to_sigma(0.3)
+    return {"block": ("input", 2), "sigmas": torch.full((frames,), sigma), "cond_or_uncond": chunks,
+            "original_shape": [frames * len(chunks), 4, 8, 8]}
+
+
+def test_v2_controls_the_cond_half_per_frame_and_leaves_uncond_untouched(svd_file, monkeypatch):
+    model = tiny_model("svd")
+    poses = control_image(batch=4)
+    patch = apply_svd(model, svd_file, poses, strength=0.7).model_options["transformer_options"]["patches"][
+        "input_block_patch_after_skip"][0]
+    assert patch.block == ("input", 2)  # after level 0 of the shallow UNet, as ("input", 3) in SVD-XT
+    options = _options(model, 4, [1, 0])
+    hidden = torch.randn(8, 320, 4, 4)
+    calls = count_encoder_runs(svd_file, monkeypatch)
+    out = patch(hidden, options)
+    assert calls == [4]  # the cond frames only, one pass
+    assert torch.equal(out[:4], hidden[:4])  # uncond rows first, untouched
+    timesteps = model.get_model_object("model_sampling").timestep(options["sigmas"]).float()
+    control = patch.controlnext.encode(patch_module.control_image_from_comfy(poses), timesteps)
+    expected = host.core.inject(hidden[4:], control, "svd", 0.7)  # per frame, eps 1e-5, x0.2
+    host.assert_close(out[4:], expected)
+
+
+def test_frame_count_mismatch_is_an_error_or_resampled(svd_file):
+    model = tiny_model("svd")
+    with pytest.raises(host.core.ControlNeXtError, match="5 control images for 6 frames: give one per video frame, "
+                                                         "or set frame_count to resample"):
+        sample_video(apply_svd(model, svd_file, control_image(batch=5)), 6, cfg=1.0, steps=1)
+    out = sample_video(apply_svd(model, svd_file, control_image(batch=5), frame_count="resample"), 6, cfg=1.0,
+                       steps=1)
+    assert torch.isfinite(out).all()
+
+
+def test_bad_models_and_inputs_are_named(svd_file, tmp_path):
+    with pytest.raises(host.core.ControlNeXtError, match="needs a Stable Video Diffusion model.*got a SD15 model"):
+        apply_svd(tiny_model("sd15"), svd_file, control_image(batch=2))
+    with pytest.raises(host.core.ControlNeXtError, match="cannot serve a Stable Video Diffusion model"):
+        apply_svd(tiny_model("svd"), loaded(tmp_path, "mid"), control_image(batch=2))
+    with pytest.raises(host.core.ControlNeXtError, match="This is a Stable Video Diffusion model: use Load ControlNeXt SVD"):
+        host.apply(tiny_model("svd"), svd_file, control_image(batch=2))
+    with pytest.raises(host.core.ControlNeXtError, match="N >= 1"):
+        apply_svd(tiny_model("svd"), svd_file, torch.zeros(0, 64, 64, 3))
+
+
+def test_window_guider_fuses_windows_the_official_way(svd_file, monkeypatch):
+    model = tiny_model("svd")
+    patched = apply_svd(model, svd_file, control_image(batch=10))
+    guider = video.ControlNeXtSVDWindowGuider.execute(patched, POSITIVE, NEGATIVE, 1.0, 3.0, 4, 1).result[0]
+    seen = []
+    original = patch_module.ControlNeXtPatch.inject
+
+    def spy(self, h, transformer_options):
+        if transformer_options.get("block") == self.block:
+            seen.append((h.shape[0], tuple(transformer_options[patch_module.WINDOW_CONTROL_FRAMES])))
+        return original(self, h, transformer_options)
+
+    monkeypatch.setattr(patch_module.ControlNeXtPatch, "inject", spy)
+    out = sample_video(model, 10, steps=1, guider=guider)
+    assert out.shape == (10, 4, 8, 8) and torch.isfinite(out).all()
+    # windows [0-3], [3-6], [6-9]; each later window takes the video's first control for its first frame
+    assert seen == [(8, (0, 1, 2, 3)), (8, (0, 4, 5, 6)), (8, (0, 7, 8, 9))]
+    short = apply_svd(model, svd_file, control_image(batch=3))  # fewer poses than even one window
+    with pytest.raises(host.core.ControlNeXtError, match="3 control images for 10 frames: give one per video frame"):
+        sample_video(model, 10, steps=1, guider=video.ControlNeXtSVDWindowGuider.execute(
+            short, POSITIVE, NEGATIVE, 1.0, 3.0, 4, 1).result[0])
+
+
+def test_window_guider_on_one_window_is_linear_cfg_sampling(svd_file):
+    """With the video inside one window the guider is plain sampling with per-frame linear CFG."""
+    model = apply_svd(tiny_model("svd"), svd_file, control_image(batch=4))
+    guider = video.ControlNeXtSVDWindowGuider.execute(model, POSITIVE, NEGATIVE, 2.0, 2.0, 8, 2).result[0]
+    host.assert_close(sample_video(model, 4, steps=1, guider=guider), sample_video(model, 4, cfg=2.0, steps=1))

@@ -48,5 +48,5 @@ def resample_frames(images: torch.Tensor, num_frames: int) -> torch.Tensor:
     """Pick ``num_frames`` evenly spaced images (nearest), for a pose video of another length."""
     if images.shape[0] == num_frames:
         return images
-    index = torch.linspace(0, images.shape[0] - 1, num_frames).round().long()
+    index = (torch.linspace(0, images.shape[0] - 1, num_frames) + 0.5).floor().long()
     return images[index]

@@ -1,9 +1,10 @@
 """Apply ControlNeXt to a MODEL (the direct route; the CONTROL_NET route is in loaders/patch)."""
 from __future__ import annotations
 
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..controlnext_core import ControlNeXtError
+from ..controlnext_core.families import FAMILY_NAMES
 from .loaders import CATEGORY, ControlNeXtType
 from .patch import control_image_from_comfy, make_patch, model_family
 
@@ -60,4 +61,12 @@ class ApplyControlNeXt(io.ComfyNode):
             patched.set_model_output_block_patch(patch)
         else:
             patched.set_model_input_block_patch_after_skip(patch)
-        return io.NodeOutput(patched)
+        return io.NodeOutput(patched, ui=applied_ui(cls, patch, image, strength))
+
+
+def applied_ui(cls, patch, image, strength: float) -> dict:
+    """What the editor shows on the node after a run: where the control went, and a preview of
+    the control image the node received."""
+    summary = (f"{FAMILY_NAMES[patch.controlnext.family]} model: control {patch.controlnext.rule.point.replace('_', ' ')} "
+               f"({patch.block[0]} block {patch.block[1]}), strength {strength:g}")
+    return {"controlnext_info": [summary], **ui.PreviewImage(image, cls=cls).as_dict()}

@@ -119,3 +119,78 @@ def execution_error(entry: dict) -> str:
         if kind == "execution_error":
             return data.get("exception_message", "")
     return ""
+
+
+# Official file names the workflows in workflows/ use, with what a tiny stand-in is: the
+# ControlNeXt files and the ordinary ControlNet are real files of those names (random weights,
+# the official key layout, sized for tiny_unet's UNets); only the base checkpoints are swapped
+# for the ControlNeXtTestTinyCheckpoint node (see runnable_on_tiny_models).
+CONTROLNEXT_FILES = {
+    "ControlNeXt-SD1.5/vidit_depth/controlnet.safetensors": "mid",
+    "ControlAny-SDXL/anime_canny/controlnet.safetensors": "base",
+}
+SDXL_UNET_DELTAS = "ControlAny-SDXL/anime_canny/unet.safetensors"
+ORDINARY_CONTROLNET = "control_v11p_sd15_canny.pth"
+CHECKPOINT_LOADERS = {"CheckpointLoaderSimple": "ControlNeXtTestTinyCheckpoint"}
+
+
+def install_official_model_files(base: str, ordinary_controlnet: bool = True) -> None:
+    """Writes tiny random-weight files under the official names into ``base``/models (the
+    ordinary ControlNet is the one big file, 300 MB: only for the stacked workflow)."""
+    import safetensors.torch
+    import torch
+
+    from builders import random_encoder_state_dict
+
+    controlnext = os.path.join(base, "models", "controlnext")
+    for name, layout in CONTROLNEXT_FILES.items():
+        os.makedirs(os.path.dirname(os.path.join(controlnext, name)), exist_ok=True)
+        safetensors.torch.save_file(random_encoder_state_dict(layout), os.path.join(controlnext, name))
+    safetensors.torch.save_file(tiny_sdxl_unet_deltas(), os.path.join(controlnext, SDXL_UNET_DELTAS))
+    if ordinary_controlnet:
+        torch.save(tiny_ordinary_controlnet(), os.path.join(base, "models", "controlnet", ORDINARY_CONTROLNET))
+
+
+def tiny_sdxl_unet_deltas(scale: float = 0.02) -> dict:
+    """A release-style delta file for tiny_unet's SDXL: diffusers names of its attention outputs
+    (the kind of weights the official anime_canny unet.safetensors holds)."""
+    import torch
+
+    import comfy.utils
+    from tiny_unet import MODEL_CONFIG_CLASSES, UNET_CONFIGS
+
+    unet_config = dict(UNET_CONFIGS["sdxl"])
+    model = MODEL_CONFIG_CLASSES["sdxl"](unet_config).get_model({}, device="meta")
+    shapes = {name: param.shape for name, param in model.diffusion_model.named_parameters()}
+    generator = torch.Generator().manual_seed(5)
+    return {diffusers: scale * torch.randn(shapes[ldm], generator=generator)
+            for diffusers, ldm in comfy.utils.unet_to_diffusers(unet_config).items() if "to_out" in diffusers}
+
+
+def tiny_ordinary_controlnet() -> dict:
+    """An SD1.5 ControlNet 1.1 style .pth (keys under "control_model.") with tiny_unet's SD1.5
+    layout, so ComfyUI's own ControlNet loader reads it and its outputs fit that UNet."""
+    import torch
+
+    import comfy.cldm.cldm
+    from tiny_unet import UNET_CONFIGS
+
+    config = {k: v for k, v in UNET_CONFIGS["sd15"].items() if k not in ("out_channels", "transformer_depth_output")}
+    control = comfy.cldm.cldm.ControlNet(hint_channels=3, num_head_channels=64, device="meta", **config)
+    generator = torch.Generator().manual_seed(6)
+    state = {}
+    for name, param in control.state_dict().items():
+        value = torch.empty(param.shape, dtype=torch.float16)
+        if param.ndim >= 2:
+            value.normal_(0.0, 1.0 / max(1, param[0].numel()) ** 0.5, generator=generator)
+        else:
+            value.normal_(1.0 if name.endswith("weight") else 0.0, 0.1, generator=generator)
+        state[f"control_model.{name}"] = value
+    return state
+
+
+def runnable_on_tiny_models(prompt: dict) -> dict:
+    """The one test-time substitution: checkpoint loaders become the tiny-checkpoint test node,
+    with the same inputs. Every other node, input and file name is the workflow's own."""
+    return {node_id: dict(node, class_type=CHECKPOINT_LOADERS.get(node["class_type"], node["class_type"]))
+            for node_id, node in prompt.items()}

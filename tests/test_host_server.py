@@ -87,7 +87,8 @@ def graph(family: str, encoder: str, route: str = "model", prefix: str = "contro
 
 
 def saved_images(server, entry: dict) -> list[str]:
-    files = [image["filename"] for output in entry["outputs"].values() for image in output.get("images", [])]
+    files = [image["filename"] for output in entry["outputs"].values() for image in output.get("images", [])
+             if image.get("type") == "output"]  # not Apply ControlNeXt's preview of its control image (temp/)
     return [os.path.join(server.base, "output", name) for name in files]
 
 

@@ -10,6 +10,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
 from tiny_unet import conditioning, tiny_model  # noqa: E402
 
+from .tiny_checkpoint import TinyCheckpoint  # noqa: E402
+
 
 class TinyModel:
     @classmethod
@@ -42,4 +44,5 @@ class LatentAsImage:
         return (((latent - low) / (high - low + 1e-6)).movedim(1, -1).contiguous(),)
 
 
-NODE_CLASS_MAPPINGS = {"ControlNeXtTestTinyModel": TinyModel, "ControlNeXtTestLatentAsImage": LatentAsImage}
+NODE_CLASS_MAPPINGS = {"ControlNeXtTestTinyModel": TinyModel, "ControlNeXtTestLatentAsImage": LatentAsImage,
+                       "ControlNeXtTestTinyCheckpoint": TinyCheckpoint}

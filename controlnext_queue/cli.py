@@ -1,0 +1,254 @@
+"""queue WORKFLOW.json --server URL [--set NODE.input=value ...] [--image NODE=path ...] --out DIR
+
+Queues a ComfyUI workflow headless, shows progress, and downloads what it saved. The exit code
+says what happened (see ``Exit``), so scripts can react without parsing text.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+
+from .client import ComfyClient
+from .errors import Exit, QueueError
+from .progress import ProgressDisplay
+from .websocket import ConnectionClosed, WebSocket
+from .workflow import (check_model_files, check_node_types, describe, image_node, is_model_file, is_ui_format, load_workflow,
+                       missing_model_message, parse_assignment, parse_image, set_input, ui_to_api)
+
+HISTORY_POLL_SECONDS = 0.5
+IDLE_CHECK_SECONDS = 5.0
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="python -m controlnext_queue",
+        description="Queue a ComfyUI workflow (API or UI format) on a running server, show progress per node, "
+                    "and download its saved images.",
+        epilog="Exit codes: 0 success, 2 usage, 3 server unreachable, 4 workflow refused (node_errors), "
+               "5 unknown node type, 6 model file missing on the server, 7 a node failed, 8 interrupted, "
+               "9 connection lost while running, 10 --timeout passed.")
+    parser.add_argument("workflow", help="workflow JSON: API format (Export (API)) or UI format (Save); a UI file "
+                                         "is converted with the server's /object_info")
+    parser.add_argument("--server", default="http://127.0.0.1:8188", help="ComfyUI address (default %(default)s)")
+    parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="NODE.input=value",
+                        help="set an input; NODE is a node id, a title, or a node type used once "
+                             "(e.g. --set KSampler.steps=20 --set '6.text=a red fox'). Repeatable")
+    parser.add_argument("--image", dest="images", action="append", default=[], metavar="NODE=path",
+                        help="upload a local image and use it in that Load Image node. Repeatable")
+    parser.add_argument("--out", help="folder for the downloaded outputs (created if missing)")
+    parser.add_argument("--save-api", metavar="FILE",
+                        help="write the API-format workflow (after --set/--image) to FILE and exit without queueing")
+    parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                        help="give up waiting after this long (the prompt stays queued on the server)")
+    args = parser.parse_args(argv)
+    if not args.out and not args.save_api:
+        parser.error("--out DIR is required (or --save-api FILE to only convert)")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except QueueError as error:
+        print(f"error: {error.message}", file=sys.stderr)
+        return int(error.code)
+    except KeyboardInterrupt:
+        print("stopped waiting (Ctrl-C); the prompt stays queued on the server", file=sys.stderr)
+        return 130
+
+
+def run(args) -> int:
+    assignments = [parse_assignment(text) for text in args.assignments]
+    images = [parse_image(text) for text in args.images]
+    workflow = load_workflow(args.workflow)
+    client = ComfyClient(args.server)
+    object_info = client.object_info()
+    if is_ui_format(workflow):
+        prompt = ui_to_api(workflow, object_info)
+        print(f"converted the UI-format workflow to API format ({len(prompt)} nodes)", file=sys.stderr)
+    elif all(isinstance(node, dict) and "class_type" in node for node in workflow.values()):
+        prompt = workflow
+        check_node_types(prompt, object_info)
+    else:
+        raise QueueError(Exit.USAGE, f"{args.workflow} is neither a UI-format workflow (Save) nor an API-format one "
+                                     f"(Export (API)).")
+    for reference, path in images:
+        node_id = image_node(prompt, reference, object_info)
+        prompt[node_id]["inputs"]["image"] = client.upload_image(path)
+        print(f"uploaded {path} for {describe(node_id, prompt[node_id], object_info)} "
+              f"as {prompt[node_id]['inputs']['image']}", file=sys.stderr)
+    for reference, name, text in assignments:
+        set_input(prompt, reference, name, text, object_info)
+    if args.save_api:
+        with open(args.save_api, "w", encoding="utf-8") as file:
+            json.dump(prompt, file, indent=2)
+        print(f"wrote {args.save_api}", file=sys.stderr)
+        return Exit.OK
+
+    check_model_files(prompt, object_info)
+    websocket = connect_websocket(client)
+    prompt_id = submit(client, prompt, object_info)
+    print(f"queued prompt {prompt_id} ({len(prompt)} nodes) on {client.server}", file=sys.stderr)
+    entry = wait(client, websocket, prompt_id, prompt, args.timeout)
+    return finish(client, entry, prompt_id, prompt, object_info, args.out)
+
+
+def connect_websocket(client: ComfyClient) -> WebSocket | None:
+    try:
+        return WebSocket.connect(client.websocket_url)
+    except (OSError, ValueError) as error:
+        print(f"no progress: the websocket did not open ({error}); polling /history instead", file=sys.stderr)
+        return None
+
+
+def submit(client: ComfyClient, prompt: dict, object_info: dict) -> str:
+    status, answer = client.submit(prompt)
+    if status == 200 and "prompt_id" in answer:
+        return answer["prompt_id"]
+    raise refusal(status, answer, prompt, object_info)
+
+
+def refusal(status: int, answer: dict, prompt: dict, object_info: dict) -> QueueError:
+    """The server's 400, as one message per problem and the exit code of the worst kind."""
+    error = answer.get("error") or {}
+    node_errors = answer.get("node_errors") or {}
+    if not node_errors:
+        message = error.get("message") or f"the server answered {status}"
+        details = error.get("details")
+        code = Exit.UNKNOWN_NODE if "does not exist" in (details or message) else Exit.INVALID_PROMPT
+        return QueueError(code, f"the server refused the workflow: {message}{f' ({details})' if details else ''}")
+    missing, other = [], []
+    for node_id, report in node_errors.items():
+        node = prompt.get(node_id, {"class_type": report.get("class_type", "?")})
+        for problem in report.get("errors", []):
+            extra = problem.get("extra_info") or {}
+            received = extra.get("received_value")
+            if problem.get("type") == "value_not_in_list" and is_model_file(received):
+                options = (extra.get("input_config") or [None])[0]
+                missing.append(missing_model_message(node_id, node, extra.get("input_name", "?"), received,
+                                                     options if isinstance(options, list) else None, object_info))
+            else:
+                other.append(f"{describe(node_id, node, object_info)}: {problem.get('message')}"
+                             f"{': ' + problem['details'] if problem.get('details') else ''}")
+    if other:
+        return QueueError(Exit.INVALID_PROMPT, "the server refused the workflow:\n  " + "\n  ".join(other + missing))
+    return QueueError(Exit.MISSING_MODEL, "model files the workflow needs are not on the server:\n  "
+                      + "\n  ".join(missing))
+
+
+def wait(client: ComfyClient, websocket: WebSocket | None, prompt_id: str, prompt: dict,
+         timeout: float | None) -> dict:
+    """Follows the prompt until the server has its history entry; returns that entry.
+
+    The websocket drives the progress bars and says when to look; the verdict always comes
+    from /history, which also covers a websocket that dropped while the server stayed up.
+    """
+    display = ProgressDisplay(prompt)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    last_check = time.monotonic()
+    try:
+        while True:
+            if deadline is not None and time.monotonic() > deadline:
+                raise QueueError(Exit.TIMEOUT, f"prompt {prompt_id} did not finish within {timeout:g} s; it stays "
+                                               f"queued on the server (POST /interrupt stops it).")
+            if websocket is None:
+                entry = client.history(prompt_id)
+                if finished(entry):
+                    return entry
+                time.sleep(HISTORY_POLL_SECONDS)
+                continue
+            try:
+                websocket.settimeout(1.0)
+                message = websocket.receive()
+            except (socket.timeout, TimeoutError):
+                message = None
+            except (ConnectionClosed, OSError) as error:
+                display.close()
+                print(f"the websocket dropped ({error}); polling /history", file=sys.stderr)
+                websocket = None
+                continue
+            if isinstance(message, str) and show(display, json.loads(message), prompt_id):
+                entry = settled_history(client, prompt_id)
+                if entry is not None:
+                    return entry
+            elif time.monotonic() - last_check > IDLE_CHECK_SECONDS:  # in case a message was missed
+                last_check = time.monotonic()
+                entry = client.history(prompt_id)
+                if finished(entry):
+                    return entry
+    finally:
+        display.close()
+        if websocket is not None:
+            websocket.close()
+
+
+def show(display: ProgressDisplay, event: dict, prompt_id: str) -> bool:
+    """Updates the display from one websocket message; True when the prompt has ended."""
+    data = event.get("data") or {}
+    if data.get("prompt_id") not in (None, prompt_id):
+        return False
+    kind = event.get("type")
+    node = None if data.get("node") is None else str(data["node"])
+    if kind == "execution_cached":
+        display.cached([str(n) for n in data.get("nodes", [])])
+    elif kind == "executing":
+        display.executing(node)
+        return node is None and data.get("prompt_id") == prompt_id
+    elif kind == "progress":
+        display.progress(node, data.get("value", 0), data.get("max", 1))
+    return kind in ("execution_success", "execution_error", "execution_interrupted")
+
+
+def finished(entry: dict | None) -> bool:
+    return bool(entry) and entry.get("status", {}).get("completed") is not None
+
+
+def settled_history(client: ComfyClient, prompt_id: str, grace: float = 5.0) -> dict | None:
+    """The history entry once the server has written it (a moment after its last message)."""
+    deadline = time.monotonic() + grace
+    while True:
+        entry = client.history(prompt_id)
+        if finished(entry):
+            return entry
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.1)
+
+
+def finish(client: ComfyClient, entry: dict, prompt_id: str, prompt: dict, object_info: dict, out: str) -> int:
+    status = entry.get("status", {})
+    messages = {kind: data for kind, data in status.get("messages", [])}
+    if "execution_interrupted" in messages:
+        data = messages["execution_interrupted"]
+        where = f" at {describe(str(data['node_id']), prompt.get(str(data['node_id']), {}), object_info)}" \
+            if data.get("node_id") is not None else ""
+        raise QueueError(Exit.INTERRUPTED, f"prompt {prompt_id} was interrupted{where} (Cancel in the editor or "
+                                           f"POST /interrupt).")
+    if "execution_error" in messages or status.get("status_str") != "success":
+        data = messages.get("execution_error", {})
+        node_id = str(data.get("node_id", "?"))
+        node = prompt.get(node_id, {"class_type": data.get("node_type", "?")})
+        message = (data.get("exception_message") or "").strip() or data.get("exception_type") or "no message"
+        raise QueueError(Exit.EXECUTION_ERROR, f"{describe(node_id, node, object_info)} failed: {message}")
+    os.makedirs(out, exist_ok=True)
+    saved, previews = [], 0
+    for output in entry.get("outputs", {}).values():
+        for files in output.values():
+            for file in files if isinstance(files, list) else []:
+                if not isinstance(file, dict) or "filename" not in file:
+                    continue
+                if file.get("type", "output") != "output":
+                    previews += 1  # previews live in temp/ and are not results
+                    continue
+                saved.append(client.download(file, out))
+    for path in saved:
+        print(path)
+    note = f"; {previews} preview image(s) not downloaded" if previews else ""
+    print(f"done: {len(saved)} file(s) in {out}{note}" if saved else f"done, but the workflow saved no files{note}",
+          file=sys.stderr)
+    return Exit.OK

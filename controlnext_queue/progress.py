@@ -1,0 +1,66 @@
+"""Progress on the terminal: one bar per node, from ComfyUI's websocket messages."""
+from __future__ import annotations
+
+import sys
+
+BAR_WIDTH = 24
+
+
+class ProgressDisplay:
+    """Redraws the current node's bar in place on a terminal; on a pipe or file, writes a line
+    when a node starts and at each quarter of its bar, so logs stay short."""
+
+    def __init__(self, prompt: dict, stream=None):
+        self.prompt = prompt
+        self.stream = stream or sys.stderr
+        self.interactive = self.stream.isatty()
+        self.current: str | None = None
+        self.done: list[str] = []
+        self._open_line = False
+        self._last_quarter = -1
+
+    def name(self, node_id: str) -> str:
+        node = self.prompt.get(node_id, {})
+        return f"{node.get('_meta', {}).get('title') or node.get('class_type', '?')} ({node_id})"
+
+    def cached(self, node_ids: list[str]) -> None:
+        if node_ids:
+            self._line(f"cached: {', '.join(self.name(n) for n in node_ids)}")
+
+    def executing(self, node_id: str | None) -> None:
+        if node_id == self.current:
+            return
+        self._finish_line()
+        self.current = node_id
+        self._last_quarter = -1
+        if node_id is not None:
+            self.done.append(node_id)
+            self._line(f"[{len(self.done)}/{len(self.prompt)}] {self.name(node_id)}")
+
+    def progress(self, node_id: str | None, value: int, maximum: int) -> None:
+        if node_id is not None and node_id != self.current:
+            self.executing(node_id)
+        maximum = max(int(maximum), 1)
+        value = min(int(value), maximum)
+        filled = round(BAR_WIDTH * value / maximum)
+        text = f"    [{'#' * filled}{'-' * (BAR_WIDTH - filled)}] {value}/{maximum}"
+        if self.interactive:
+            self.stream.write("\r" + text)
+            self.stream.flush()
+            self._open_line = True
+        elif value * 4 // maximum != self._last_quarter:  # quarters only, to keep logs short
+            self._last_quarter = value * 4 // maximum
+            self._line(text)
+
+    def _line(self, text: str) -> None:
+        self._finish_line()
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def _finish_line(self) -> None:
+        if self._open_line:
+            self.stream.write("\n")
+            self._open_line = False
+
+    def close(self) -> None:
+        self._finish_line()

@@ -1,0 +1,286 @@
+"""Workflow files: UI format (what the editor saves) to API format (what /prompt takes), and
+the edits the command line asks for (--set, --image), checked against the server's /object_info.
+"""
+from __future__ import annotations
+
+import json
+
+from .errors import Exit, QueueError
+
+# Nodes that exist only in the editor: never sent to the server.
+EDITOR_ONLY_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
+MODE_MUTED, MODE_BYPASSED = 2, 4
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+# The editor adds a "control after generate" widget after seeds; its value follows the seed's.
+SEED_CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
+# ...and an upload button after file combos, saved as one of these values.
+UPLOAD_FLAGS = {"image_upload": "image", "video_upload": "video", "audio_upload": "audio",
+                "animated_image_upload": "image"}
+MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".sft", ".pkl", ".onnx")
+# Where ComfyUI looks for the files of common loader inputs (ControlNeXt files: models/controlnext).
+MODEL_FOLDERS = {"ckpt_name": "checkpoints", "control_net_name": "controlnet", "vae_name": "vae",
+                 "lora_name": "loras", "clip_name": "text_encoders", "unet_name": "diffusion_models",
+                 "controlnext_name": "controlnext"}
+CONTROLNEXT_LOADERS = {"ControlNeXtLoader", "ControlNeXtUNetWeights"}
+
+
+def load_workflow(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as file:
+            data = json.load(file)
+    except OSError as error:
+        raise QueueError(Exit.USAGE, f"cannot read the workflow {path}: {error.strerror}") from None
+    except json.JSONDecodeError as error:
+        raise QueueError(Exit.USAGE, f"{path} is not JSON ({error}). Save the workflow from the editor.") from None
+    if not isinstance(data, dict):
+        raise QueueError(Exit.USAGE, f"{path} is not a ComfyUI workflow (expected a JSON object).")
+    return data
+
+
+def is_ui_format(workflow: dict) -> bool:
+    return isinstance(workflow.get("nodes"), list) and "links" in workflow
+
+
+def display_name(class_type: str, object_info: dict) -> str:
+    return object_info.get(class_type, {}).get("display_name") or class_type
+
+
+def describe(node_id: str, node: dict, object_info: dict | None = None) -> str:
+    title = node.get("_meta", {}).get("title") or display_name(node.get("class_type", "?"), object_info or {})
+    return f"node {node_id} '{title}'" if title == node.get("class_type") else \
+        f"node {node_id} '{title}' ({node.get('class_type')})"
+
+
+def input_specs(class_info: dict) -> dict[str, list]:
+    """Input name -> [type, options] in the order the editor creates widgets."""
+    groups = class_info.get("input", {})
+    order = class_info.get("input_order") or {group: list(groups.get(group, {})) for group in ("required", "optional")}
+    specs = {}
+    for group in ("required", "optional"):
+        for name in order.get(group, []):
+            spec = groups.get(group, {}).get(name)
+            if spec is not None:
+                specs[name] = list(spec) if isinstance(spec, (list, tuple)) else [spec]
+    return specs
+
+
+def input_type(spec: list) -> str:
+    kind = spec[0]
+    return "COMBO" if isinstance(kind, list) else kind
+
+
+def input_options(spec: list) -> dict:
+    return spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+
+
+def is_widget(spec: list) -> bool:
+    return input_type(spec) in WIDGET_TYPES and not input_options(spec).get("forceInput")
+
+
+def check_node_types(prompt: dict, object_info: dict) -> None:
+    """Refuses node types the server lacks before anything is queued (ComfyUI's own answer names
+    only the first one, and gives no node_errors)."""
+    unknown = [f"{describe(node_id, node, object_info)}" for node_id, node in prompt.items()
+               if node.get("class_type") not in object_info]
+    if unknown:
+        raise QueueError(Exit.UNKNOWN_NODE,
+                         f"the server has no node type for {', '.join(unknown)}. Install the custom node pack that "
+                         f"provides it (ComfyUI-Manager: Install Missing Custom Nodes) and restart the server.")
+
+
+def is_model_file(value) -> bool:
+    return isinstance(value, str) and value.lower().endswith(MODEL_EXTENSIONS)
+
+
+def combo_options(spec: list) -> list | None:
+    if isinstance(spec[0], list):
+        return spec[0]
+    return input_options(spec).get("options") if input_type(spec) == "COMBO" else None
+
+
+def missing_model_message(node_id: str, node: dict, input_name: str, value: str, options: list | None,
+                          object_info: dict) -> str:
+    folder = "controlnext" if node.get("class_type") in CONTROLNEXT_LOADERS else MODEL_FOLDERS.get(input_name)
+    where = f"ComfyUI/models/{folder}/" if folder else "the models folder this node reads"
+    available = "" if options is None else \
+        f" (the server has: {', '.join(options[:5])}{', ...' if len(options) > 5 else ''})" if options else \
+        " (the server has none)"
+    return (f"{describe(node_id, node, object_info)}: {input_name} '{value}' is not installed. Put the file in "
+            f"{where} and refresh{available}.")
+
+
+def check_model_files(prompt: dict, object_info: dict) -> None:
+    """Model files the server does not list, named before queueing: ComfyUI v0.3.64 does not
+    check the lists of V3 nodes (this pack's among them), which would only fail when they run."""
+    missing = []
+    for node_id, node in prompt.items():
+        specs = input_specs(object_info.get(node["class_type"], {}))
+        for name, value in node["inputs"].items():
+            options = combo_options(specs[name]) if name in specs else None
+            if options is not None and is_model_file(value) and value not in options:
+                missing.append(missing_model_message(node_id, node, name, value, options, object_info))
+    if missing:
+        raise QueueError(Exit.MISSING_MODEL, "model files the workflow needs are not on the server:\n  "
+                         + "\n  ".join(missing))
+
+
+def ui_to_api(workflow: dict, object_info: dict) -> dict:
+    """What the editor's "Export (API)" gives, computed from the saved UI file and /object_info."""
+    if workflow.get("definitions", {}).get("subgraphs") or workflow.get("extra", {}).get("groupNodes"):
+        raise QueueError(Exit.USAGE, "this workflow uses subgraphs or group nodes, which the command cannot "
+                                     "convert: open it in the editor and use Export (API) instead.")
+    nodes = {str(node["id"]): node for node in workflow["nodes"]}
+    links = {link[0]: link for link in workflow.get("links") or [] if link}
+    unknown = [f"node {node_id} '{node.get('title') or node['type']}' ({node['type']})"
+               for node_id, node in nodes.items()
+               if node["type"] not in object_info and node["type"] not in EDITOR_ONLY_NODES]
+    if unknown:
+        raise QueueError(Exit.UNKNOWN_NODE,
+                         f"the server has no node type for {', '.join(unknown)}. Install the custom node pack that "
+                         f"provides it (ComfyUI-Manager: Install Missing Custom Nodes) and restart the server.")
+
+    def source(link_id, want_type):
+        """(node id, output slot) feeding a link, through reroutes and bypassed nodes; None if muted."""
+        seen = set()
+        while link_id is not None and link_id in links and link_id not in seen:
+            seen.add(link_id)
+            _, origin_id, origin_slot, _, _, link_type = links[link_id][:6]
+            origin = nodes.get(str(origin_id))
+            if origin is None or origin.get("mode") == MODE_MUTED:
+                return None
+            if origin["type"] == "PrimitiveNode":
+                return None  # its value is already the target widget's value
+            if origin["type"] == "Reroute" or origin.get("mode") == MODE_BYPASSED:
+                inputs = origin.get("inputs") or []
+                same_type = [slot for slot in inputs if slot.get("type") in (want_type, link_type, "*")]
+                candidates = ([inputs[origin_slot]] if origin_slot < len(inputs) and inputs[origin_slot] in same_type
+                              else []) + same_type
+                link_id = next((slot.get("link") for slot in candidates if slot.get("link") is not None), None)
+                continue
+            return [str(origin_id), origin_slot]
+        return None
+
+    prompt = {}
+    for node_id, node in nodes.items():
+        class_type = node["type"]
+        if class_type in EDITOR_ONLY_NODES or node.get("mode") in (MODE_MUTED, MODE_BYPASSED):
+            continue
+        specs = input_specs(object_info[class_type])
+        values = node.get("widgets_values")
+        linked = {slot["name"]: slot for slot in node.get("inputs") or [] if slot.get("link") is not None}
+        inputs = {}
+        if isinstance(values, dict):  # some editors save widgets by name
+            inputs.update({name: value for name, value in values.items() if name in specs and is_widget(specs[name])})
+        else:
+            queue = list(values or [])
+            for name, spec in specs.items():
+                if not is_widget(spec) or not queue:
+                    continue
+                inputs[name] = queue.pop(0)
+                options = input_options(spec)
+                follower = next((value for flag, value in UPLOAD_FLAGS.items() if options.get(flag)), None)
+                if queue and input_type(spec) == "INT" and queue[0] in SEED_CONTROL_VALUES:
+                    queue.pop(0)
+                elif queue and follower is not None and queue[0] == follower:
+                    queue.pop(0)
+        for name, slot in linked.items():
+            if name not in specs:
+                raise QueueError(Exit.INVALID_PROMPT,
+                                 f"node {node_id} ({class_type}) has an input '{name}' that the server's "
+                                 f"{class_type} does not have (it has: {', '.join(specs)}). The node pack on the "
+                                 f"server may be older or newer than the workflow.")
+            origin = source(slot["link"], slot.get("type"))
+            if origin is not None:
+                inputs[name] = origin
+            elif not is_widget(specs[name]):
+                inputs.pop(name, None)
+        title = node.get("title") or display_name(class_type, object_info)
+        prompt[node_id] = {"inputs": inputs, "class_type": class_type, "_meta": {"title": title}}
+    kept = set(prompt)
+    for node in prompt.values():  # inputs from nodes that are not sent (muted) are dropped, as the editor does
+        for name, value in list(node["inputs"].items()):
+            if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and value[0] not in kept:
+                del node["inputs"][name]
+    return prompt
+
+
+def find_node(prompt: dict, reference: str, object_info: dict) -> str:
+    """A node by id, else by title, else by type when only one node has it."""
+    if reference in prompt:
+        return reference
+    for key in ("title", "class_type"):
+        matches = [node_id for node_id, node in prompt.items()
+                   if (node.get("_meta", {}).get("title") if key == "title" else node.get("class_type")) == reference]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise QueueError(Exit.USAGE, f"'{reference}' names {len(matches)} nodes (ids {', '.join(matches)}): "
+                                         f"use the node id instead.")
+    listing = "; ".join(f"{node_id}: {node.get('_meta', {}).get('title') or node.get('class_type')}"
+                        for node_id, node in prompt.items())
+    raise QueueError(Exit.USAGE, f"no node '{reference}' in the workflow. Nodes are ({listing}).")
+
+
+def parse_value(text: str, spec: list | None):
+    kind = input_type(spec) if spec else None
+    try:
+        if kind == "INT":
+            return int(text)
+        if kind == "FLOAT":
+            return float(text)
+        if kind == "BOOLEAN":
+            lowered = text.lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(text)
+            return lowered in ("true", "1", "yes")
+    except ValueError:
+        raise QueueError(Exit.USAGE, f"'{text}' is not a valid {kind}.") from None
+    if kind in ("STRING", "COMBO"):
+        return text
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_assignment(assignment: str) -> tuple[str, str, str]:
+    """``NODE.input=value`` -> (NODE, input, value text)."""
+    target, equals, text = assignment.partition("=")
+    reference, dot, name = target.rpartition(".")
+    if not equals or not dot or not reference or not name:
+        raise QueueError(Exit.USAGE, f"--set {assignment!r}: write NODE.input=value, e.g. --set KSampler.steps=20 "
+                                     f"or --set 6.seed=42.")
+    return reference, name, text
+
+
+def parse_image(assignment: str) -> tuple[str, str]:
+    """``NODE=path`` -> (NODE, path)."""
+    reference, equals, path = assignment.partition("=")
+    if not equals or not reference or not path:
+        raise QueueError(Exit.USAGE, f"--image {assignment!r}: write NODE=path, e.g. --image 'Load Image=edges.png'.")
+    return reference, path
+
+
+def set_input(prompt: dict, reference: str, name: str, text: str, object_info: dict) -> None:
+    """Sets one input of the node ``reference`` (id, title or unique type) from its text."""
+    node_id = find_node(prompt, reference, object_info)
+    node = prompt[node_id]
+    specs = input_specs(object_info.get(node["class_type"], {}))
+    if name not in specs and name not in node["inputs"]:
+        raise QueueError(Exit.USAGE, f"{describe(node_id, node, object_info)} has no input '{name}' "
+                                     f"(it has: {', '.join(specs or node['inputs'])}).")
+    current = node["inputs"].get(name)
+    if isinstance(current, list) and len(current) == 2 and isinstance(current[0], str) and current[0] in prompt:
+        raise QueueError(Exit.USAGE, f"{describe(node_id, node, object_info)}: input '{name}' is connected to node "
+                                     f"{current[0]}; --set changes values, not connections.")
+    node["inputs"][name] = parse_value(text, specs.get(name))
+
+
+def image_node(prompt: dict, reference: str, object_info: dict) -> str:
+    """The id of the node ``reference`` names, which must take an ``image`` (Load Image and the like)."""
+    node_id = find_node(prompt, reference, object_info)
+    node = prompt[node_id]
+    if "image" not in input_specs(object_info.get(node["class_type"], {})) and "image" not in node["inputs"]:
+        raise QueueError(Exit.USAGE, f"{describe(node_id, node, object_info)} has no 'image' input: --image is for "
+                                     f"Load Image nodes.")
+    return node_id

@@ -1,0 +1,320 @@
+"""Host tests: the workflows in workflows/ and the queue command, against a real ComfyUI server.
+
+The workflows run as shipped but for one substitution, documented in tests/server.py
+(``runnable_on_tiny_models``): Load Checkpoint becomes a test node building tiny models with
+ComfyUI's own classes, since ComfyUI only recognises full-size checkpoints. Every other node,
+input and file name is the file's own; the ControlNeXt and ControlNet files are tiny random
+ones under the official names. Image size and steps are made small with the command's --set.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import host  # noqa: F401  (skips this module without a ComfyUI host)
+from conftest import PACK_ROOT
+from server import (CONTROLNEXT_FILES, ORDINARY_CONTROLNET, PACK_LINK_NAME, SDXL_UNET_DELTAS, ComfyServer,
+                    install_official_model_files, make_base_directory, runnable_on_tiny_models)
+
+WORKFLOWS = os.path.join(PACK_ROOT, "workflows")
+API_WORKFLOWS = os.path.join(WORKFLOWS, "api")
+# Every workflow in workflows/ (UI format) and workflows/api/, with the titles of the Load Image
+# nodes the shell run uploads an image to. A new workflow is one entry here.
+WORKFLOW_IMAGES = {
+    "controlnext_sd15_depth": ("Depth Map",),
+    "controlnext_sdxl_canny": ("Photo",),
+    "controlnext_sdxl_canny_unet_weights": ("Photo",),
+    "controlnext_sd15_stacked_controlnet": ("Depth Map", "Photo"),
+}
+SMALL = ["--set", "Empty Latent Image.width=64", "--set", "Empty Latent Image.height=64", "--set", "KSampler.steps=2"]
+MODEL_INPUTS = ("ckpt_name", "controlnext_name", "unet_name", "control_net_name")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = make_base_directory(str(tmp_path_factory.mktemp("workflows_base")))
+    install_official_model_files(base)
+    running = ComfyServer(base).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> dict[str, str]:
+    """A depth-like gradient and a photo-like image of blocks, as files to upload."""
+    folder = tmp_path_factory.mktemp("images")
+    ramp = np.linspace(0, 255, 64, dtype=np.uint8)
+    depth = np.repeat(np.add.outer(ramp, ramp[::-1])[:, :, None] // 2, 3, axis=2).astype(np.uint8)
+    blocks = (np.random.default_rng(0).random((8, 8, 3)) * 255).astype(np.uint8)
+    paths = {"Depth Map": str(folder / "depth_in.png"), "Photo": str(folder / "photo_in.png")}
+    Image.fromarray(depth).save(paths["Depth Map"])
+    Image.fromarray(blocks).resize((64, 64), Image.NEAREST).save(paths["Photo"])
+    return paths
+
+
+def queue(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    """The queue command as a user runs it; ``-S`` (no site-packages) proves it needs only the stdlib."""
+    return subprocess.run([sys.executable, "-S", "-m", "controlnext_queue", *args], cwd=PACK_ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def start_queue(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-S", "-m", "controlnext_queue", *args], cwd=PACK_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def read_json(path: str):
+    with open(path, encoding="utf-8") as file:
+        return json.load(file)
+
+
+def runnable_copy(name: str, folder, edit=None) -> str:
+    prompt = runnable_on_tiny_models(read_json(os.path.join(API_WORKFLOWS, f"{name}.json")))
+    if edit:
+        edit(prompt)
+    path = os.path.join(folder, f"{name}.json")
+    with open(path, "w") as file:
+        json.dump(prompt, file)
+    return path
+
+
+def image_args(name: str, images: dict[str, str]) -> list[str]:
+    return [arg for title in WORKFLOW_IMAGES[name] for arg in ("--image", f"{title}={images[title]}")]
+
+
+def test_every_workflow_has_both_formats_and_a_test_entry():
+    ui = {os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(WORKFLOWS, "*.json"))}
+    api = {os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(API_WORKFLOWS, "*.json"))}
+    assert ui == api == set(WORKFLOW_IMAGES)
+
+
+def test_ui_workflows_are_served_as_the_packs_templates(server):
+    listed = server.get("/api/workflow_templates")
+    assert sorted(listed[PACK_LINK_NAME]) == sorted(WORKFLOW_IMAGES)  # the api/ twins are not templates
+    for name in WORKFLOW_IMAGES:
+        assert server.get(f"/api/workflow_templates/{PACK_LINK_NAME}/{name}.json") == \
+            read_json(os.path.join(WORKFLOWS, f"{name}.json"))
+
+
+@pytest.mark.parametrize("name", sorted(WORKFLOW_IMAGES))
+def test_ui_workflow_nodes_exist_on_the_server_with_the_inputs_the_file_uses(server, name):
+    object_info = server.get("/object_info")
+    workflow = read_json(os.path.join(WORKFLOWS, f"{name}.json"))
+    for node in workflow["nodes"]:
+        if node["type"] in ("Note", "MarkdownNote"):
+            continue
+        assert node["type"] in object_info, f"{name}: node {node['id']} {node['type']} is not on the server"
+        spec = object_info[node["type"]]["input"]
+        declared = {**spec.get("required", {}), **spec.get("optional", {})}
+        for slot in node.get("inputs", []):
+            if slot.get("link") is not None:
+                assert slot["name"] in declared, f"{name}: {node['type']} has no input {slot['name']}"
+
+
+@pytest.mark.parametrize("name", sorted(WORKFLOW_IMAGES))
+def test_ui_workflow_converts_to_its_api_twin(server, name, tmp_path):
+    converted = tmp_path / "converted.json"
+    result = queue(os.path.join(WORKFLOWS, f"{name}.json"), "--server", server.url, "--save-api", str(converted))
+    assert result.returncode == 0, result.stderr
+    api = read_json(os.path.join(API_WORKFLOWS, f"{name}.json"))
+    ui_titles = {str(n["id"]): n.get("title") for n in read_json(os.path.join(WORKFLOWS, f"{name}.json"))["nodes"]}
+    got = read_json(converted)
+    assert {k: (v["class_type"], v["inputs"]) for k, v in got.items()} == \
+        {k: (v["class_type"], v["inputs"]) for k, v in api.items()}
+    for node_id, title in ui_titles.items():
+        if title and node_id in api:  # default titles follow the server's display names
+            assert api[node_id]["_meta"]["title"] == title
+
+
+@pytest.mark.parametrize("name", sorted(WORKFLOW_IMAGES))
+def test_notes_in_the_graph_say_where_each_model_file_goes(name):
+    notes = " ".join(str(v) for n in read_json(os.path.join(WORKFLOWS, f"{name}.json"))["nodes"]
+                     if n["type"] in ("Note", "MarkdownNote") for v in n.get("widgets_values", []))
+    for node in read_json(os.path.join(API_WORKFLOWS, f"{name}.json")).values():
+        for key in MODEL_INPUTS:
+            if key in node["inputs"]:
+                assert node["inputs"][key] in notes, f"no note names {node['inputs'][key]}"
+    for folder in ("models/checkpoints", "models/controlnext"):
+        assert folder in notes
+
+
+def test_official_file_names_are_the_ones_the_server_has():
+    """The test base directory holds exactly the names the workflows use, so the runs below
+    exercise the workflows' own file names."""
+    used = {node["inputs"][key] for name in WORKFLOW_IMAGES
+            for node in read_json(os.path.join(API_WORKFLOWS, f"{name}.json")).values()
+            for key in ("controlnext_name", "unet_name", "control_net_name") if key in node["inputs"]}
+    assert used == set(CONTROLNEXT_FILES) | {SDXL_UNET_DELTAS, ORDINARY_CONTROLNET}
+
+
+@pytest.mark.parametrize("name", sorted(WORKFLOW_IMAGES))
+def test_api_workflow_runs_from_the_shell(server, name, images, tmp_path):
+    out = tmp_path / "out"
+    result = queue(runnable_copy(name, tmp_path), "--server", server.url, "--out", str(out),
+                   *image_args(name, images), *SMALL)
+    assert result.returncode == 0, result.stderr + server.log()[-2000:]
+    saved = result.stdout.split()
+    assert len(saved) == 1 and saved[0].startswith(str(out))
+    picture = np.asarray(Image.open(saved[0]))
+    assert picture.shape == (64, 64, 3) and picture.std() > 0
+    for title in WORKFLOW_IMAGES[name]:
+        assert f"'{title}'" in result.stderr and "uploaded" in result.stderr
+    assert "KSampler" in result.stderr and "2/2" in result.stderr  # the per-node progress bar
+    prefix = read_json(os.path.join(API_WORKFLOWS, f"{name}.json"))
+    prefix = next(n["inputs"]["filename_prefix"] for n in prefix.values() if n["class_type"] == "SaveImage")
+    assert os.path.relpath(saved[0], out).startswith(os.path.dirname(prefix))  # kept the server's subfolder
+
+
+def test_a_refused_workflow_lists_the_node_errors(server, images, tmp_path):
+    name = "controlnext_sd15_depth"
+    result = queue(runnable_copy(name, tmp_path), "--server", server.url, "--out", str(tmp_path),
+                   *image_args(name, images), "--set", "KSampler.steps=0", "--set", "Apply ControlNeXt.strength=-1")
+    assert result.returncode == 4, result.stderr
+    assert "'KSampler'" in result.stderr and "steps" in result.stderr
+    assert "'Apply ControlNeXt'" in result.stderr and "strength" in result.stderr
+
+
+def test_an_unknown_node_type_names_the_node_and_the_fix(server, images, tmp_path):
+    def use_an_uninstalled_pack(prompt):
+        prompt["6"]["class_type"] = "CannyEdgePreprocessor"  # comfyui_controlnet_aux, not installed here
+
+    result = queue(runnable_copy("controlnext_sdxl_canny", tmp_path, use_an_uninstalled_pack), "--server",
+                   server.url, "--out", str(tmp_path))
+    assert result.returncode == 5, result.stderr
+    assert "CannyEdgePreprocessor" in result.stderr and "Install the custom node pack" in result.stderr
+
+
+def test_a_missing_model_file_says_which_and_where(server, images, tmp_path):
+    missing = "ControlAny-SDXL/vidit_depth/controlnet.safetensors"
+    result = queue(runnable_copy("controlnext_sdxl_canny", tmp_path), "--server", server.url, "--out",
+                   str(tmp_path), *image_args("controlnext_sdxl_canny", images),
+                   "--set", f"Load ControlNeXt.controlnext_name={missing}")
+    assert result.returncode == 6, result.stderr
+    assert missing in result.stderr and "ComfyUI/models/controlnext/" in result.stderr
+
+
+def test_a_failing_node_gives_its_message(server, images, tmp_path):
+    sd15_file = next(name for name, layout in CONTROLNEXT_FILES.items() if layout == "mid")
+    result = queue(runnable_copy("controlnext_sdxl_canny", tmp_path), "--server", server.url, "--out",
+                   str(tmp_path), *image_args("controlnext_sdxl_canny", images), *SMALL,
+                   "--set", f"Load ControlNeXt.controlnext_name={sd15_file}")
+    assert result.returncode == 7, result.stderr
+    assert "'Apply ControlNeXt'" in result.stderr and "cannot serve a SDXL model" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def wait_for_line(process: subprocess.Popen, text: str, timeout: float = 60) -> list[str]:
+    """Reads the command's stderr until a line contains ``text``."""
+    lines = []
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        line = process.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        if text in line:
+            return lines
+    raise AssertionError(f"no line with {text!r} in:\n{''.join(lines)}")
+
+
+def wait_until_idle(server, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        queue_state = server.get("/queue")
+        if not queue_state["queue_running"] and not queue_state["queue_pending"]:
+            return
+        time.sleep(0.2)
+    raise AssertionError("the server did not become idle")
+
+
+def test_an_interrupted_prompt_says_so(server, images, tmp_path):
+    name = "controlnext_sd15_depth"
+    process = start_queue(runnable_copy(name, tmp_path), "--server", server.url, "--out", str(tmp_path),
+                          *image_args(name, images), *SMALL, "--set", "KSampler.steps=10000")
+    try:
+        wait_for_line(process, "KSampler")
+        assert server.post("/interrupt", {})[0] == 200
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 8, stderr
+    assert "interrupted" in stderr and "'KSampler'" in stderr
+    wait_until_idle(server)
+
+
+class DroppingProxy:
+    """Forwards a local port to the server until ``drop()``, which cuts every connection and
+    stops listening: to the client, the server went away."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            self.sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source, sink):
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+
+    def drop(self):
+        self.listener.close()
+        for sock in self.sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+
+def test_a_dropped_connection_is_reported(server, images, tmp_path):
+    name = "controlnext_sd15_depth"
+    proxy = DroppingProxy(server.port)
+    process = start_queue(runnable_copy(name, tmp_path), "--server", f"http://127.0.0.1:{proxy.port}", "--out",
+                          str(tmp_path), *image_args(name, images), *SMALL, "--set", "KSampler.steps=10000")
+    try:
+        wait_for_line(process, "KSampler")
+        proxy.drop()
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        server.post("/interrupt", {})
+    assert process.returncode == 9, stderr
+    assert "lost the connection" in stderr
+    wait_until_idle(server)
+
+
+def test_an_unreachable_server_and_a_bad_argument_have_their_own_codes(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+    path = os.path.join(API_WORKFLOWS, "controlnext_sd15_depth.json")
+    result = queue(path, "--server", f"http://127.0.0.1:{closed_port}", "--out", str(tmp_path), timeout=30)
+    assert result.returncode == 3 and "cannot reach ComfyUI" in result.stderr
+    result = queue(path, "--out", str(tmp_path), "--set", "steps=20", timeout=30)
+    assert result.returncode == 2 and "NODE.input=value" in result.stderr

@@ -36,6 +36,13 @@ def check_mask_batch(masks: torch.Tensor) -> torch.Tensor:
     return masks
 
 
+def resize_masks(masks: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """[B, H, W] -> [B, height, width] by bilinear resampling (how a mask of another size is matched)."""
+    if masks.shape[-2:] == (height, width):
+        return masks
+    return F.interpolate(masks[:, None].float(), size=(height, width), mode="bilinear", align_corners=False)[:, 0]
+
+
 def dilate_disc(masks: torch.Tensor, radius: int) -> torch.Tensor:
     """Grey-level dilation of [B, H, W] by a disc of ``radius`` pixels.
 

@@ -118,3 +118,23 @@ def test_window_guider_on_one_window_is_linear_cfg_sampling(svd_file):
     model = apply_svd(tiny_model("svd"), svd_file, control_image(batch=4))
     guider = video.ControlNeXtSVDWindowGuider.execute(model, POSITIVE, NEGATIVE, 2.0, 2.0, 8, 2).result[0]
     host.assert_close(sample_video(model, 4, steps=1, guider=guider), sample_video(model, 4, cfg=2.0, steps=1))
+
+
+def test_memory_follows_the_window_not_the_video_length():
+    """40 frames in 14-frame windows peak within 10 % of one 14-frame window (fresh processes;
+    large allocations mmapped so freed memory leaves the resident size at once)."""
+    import os
+    import subprocess
+    import sys
+
+    probe = os.path.join(os.path.dirname(os.path.abspath(__file__)), "svd_memory_probe.py")
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "COMFYUI_PATH": host.COMFYUI_PATH}
+
+    def peak_growth(frames: int, window: int) -> float:
+        result = subprocess.run([sys.executable, probe, str(frames), str(window), "8"], env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return float(result.stdout.split()[-1])
+
+    one_window, long_video = peak_growth(14, 14), peak_growth(40, 14)
+    assert long_video <= 1.10 * one_window, f"40 frames: +{long_video} MiB, one 14-frame window: +{one_window} MiB"

@@ -6,13 +6,14 @@ from comfy_api.latest import ComfyExtension, io
 from .apply import ApplyControlNeXt
 from .loaders import LoadControlNeXt, LoadControlNeXtUNetWeights
 from .preprocessors import PREPROCESSOR_NODES
-from .video import ApplyControlNeXtSVD, ControlNeXtSVDWindowGuider, LoadControlNeXtSVD
+from .video import AlignPoses, ApplyControlNeXtSVD, ControlNeXtSVDWindowGuider, LoadControlNeXtSVD
 
 
 class ControlNeXtExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [LoadControlNeXt, ApplyControlNeXt, LoadControlNeXtUNetWeights,
-                LoadControlNeXtSVD, ApplyControlNeXtSVD, ControlNeXtSVDWindowGuider, *PREPROCESSOR_NODES]
+                LoadControlNeXtSVD, ApplyControlNeXtSVD, ControlNeXtSVDWindowGuider, AlignPoses,
+                *PREPROCESSOR_NODES]
 
 
 def comfy_entrypoint() -> ControlNeXtExtension:

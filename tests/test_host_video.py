@@ -154,3 +154,44 @@ def test_align_poses_node_draws_the_video_on_the_reference_canvas():
     assert np.allclose(aligned[0].keypoints[0, :18, 1], body[:, 1], atol=1e-6)  # vertical fit is exact here
     with pytest.raises(host.core.ControlNeXtError, match="No person was found in the reference"):
         video.AlignPoses.execute({"people": [], "canvas_width": 96, "canvas_height": 160}, frames, True, True)
+
+
+def test_cooperates_with_comfyui_context_windows(svd_file, monkeypatch):
+    """Under ComfyUI's own context windows the patch slices the pose frames by the window;
+    the measured gap to the official fusion (same windows, constant CFG) is recorded."""
+    import inspect
+    import json
+    import os
+
+    import comfy.context_windows
+    windows_nodes = host.importlib.import_module("comfy_extras.nodes_context_windows")
+    if "causal_window_fix" not in inspect.signature(windows_nodes.ContextWindowsManualNode.execute).parameters:
+        pytest.skip("this ComfyUI's context windows crash for SVD at the first step (fixed in later versions)")
+    model = tiny_model("svd")
+    patched = apply_svd(model, svd_file, control_image(batch=10))
+    windowed = windows_nodes.ContextWindowsManualNode.execute(
+        patched, 4, 1, comfy.context_windows.ContextSchedules.STATIC_STANDARD, 1, False,
+        comfy.context_windows.ContextFuseMethods.FLAT, 0, False, [], False, [], False).result[0]
+    seen = []
+    original = patch_module.ControlNeXtPatch.inject
+
+    def spy(self, h, transformer_options):
+        if transformer_options.get("block") == self.block:
+            seen.append(tuple(transformer_options["context_window"].index_list))
+        return original(self, h, transformer_options)
+
+    monkeypatch.setattr(patch_module.ControlNeXtPatch, "inject", spy)
+    core_windows = sample_video(windowed, 10, cfg=2.0, steps=1)
+    assert torch.isfinite(core_windows).all()
+    assert seen and all(len(frames) == 4 for frames in seen)
+    assert sorted({f for frames in seen for f in frames}) == list(range(10))
+    monkeypatch.setattr(patch_module.ControlNeXtPatch, "inject", original)
+    guider = video.ControlNeXtSVDWindowGuider.execute(patched, POSITIVE, NEGATIVE, 2.0, 2.0, 4, 1).result[0]
+    official = sample_video(model, 10, steps=1, guider=guider)
+    gap = ((core_windows - official).abs().max() / official.abs().max()).item()
+    assert gap > 0  # different fusions: ComfyUI averages whole windows, the official drops replaced first frames
+    artefacts = os.path.join(host.PACK_ROOT, "test-artifacts")
+    os.makedirs(artefacts, exist_ok=True)
+    with open(os.path.join(artefacts, "svd_window_fusion.json"), "w") as file:
+        json.dump({"frames": 10, "window": 4, "overlap": 1, "windows_seen": seen,
+                   "max_relative_difference_core_vs_official": gap}, file)

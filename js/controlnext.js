@@ -15,6 +15,15 @@ import { api } from "../../scripts/api.js";
 
 const NODE_TYPES = new Set(["ControlNeXtLoader", "ControlNeXtApply", "ControlNeXtUNetWeights"]);
 const STATUS_WIDGET = "controlnext_status";
+const LINE_HEIGHT = 15; // px, for the 12px monospace text below
+const CHAR_WIDTH = 7.8; // a little wider than a glyph: lines wrap at word ends
+
+/** Height that shows the whole text at the node's width, so nothing hides behind a scrollbar. */
+function textHeight(node, text) {
+  const perLine = Math.max(20, Math.floor((node.size[0] - 40) / CHAR_WIDTH));
+  const lines = text.split("\n").reduce((sum, line) => sum + Math.max(1, Math.ceil(line.length / perLine)), 0);
+  return 14 + LINE_HEIGHT * Math.ceil(lines * 1.2 + 1);
+}
 
 function statusWidget(node) {
   const existing = node.widgets?.find((widget) => widget.name === STATUS_WIDGET);
@@ -22,7 +31,7 @@ function statusWidget(node) {
   const element = document.createElement("div");
   element.className = "controlnext-status";
   Object.assign(element.style, {
-    font: "12px monospace",
+    font: `12px/${LINE_HEIGHT}px monospace`,
     whiteSpace: "pre-wrap",
     overflowWrap: "anywhere",
     overflow: "auto",
@@ -33,6 +42,7 @@ function statusWidget(node) {
   // Not a setting: never saved in the workflow nor sent with the prompt.
   const widget = node.addDOMWidget(STATUS_WIDGET, "controlnext_status", element, {
     serialize: false,
+    getMinHeight: () => textHeight(node, element.textContent),
     getValue: () => element.textContent,
     setValue: () => {},
   });

@@ -120,7 +120,7 @@ def refusal(status: int, answer: dict, prompt: dict, object_info: dict) -> Queue
     if not node_errors:
         message = error.get("message") or f"the server answered {status}"
         details = error.get("details")
-        code = Exit.UNKNOWN_NODE if "does not exist" in (details or message) else Exit.INVALID_PROMPT
+        code = Exit.UNKNOWN_NODE if "does not exist" in f"{message} {details}" else Exit.INVALID_PROMPT
         return QueueError(code, f"the server refused the workflow: {message}{f' ({details})' if details else ''}")
     missing, other = [], []
     for node_id, report in node_errors.items():

@@ -8,7 +8,7 @@ BAR_WIDTH = 24
 
 class ProgressDisplay:
     """Redraws the current node's bar in place on a terminal; on a pipe or file, writes a line
-    when a node starts and at each quarter of its bar, so logs stay short."""
+    when a node starts, at its first step and at each quarter of its bar, so logs stay short."""
 
     def __init__(self, prompt: dict, stream=None):
         self.prompt = prompt

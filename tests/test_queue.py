@@ -1,0 +1,191 @@
+"""The queue command's parts without a server: UI-to-API conversion rules, --set, the reading of
+a server's refusal, the progress lines and the websocket framing. (Against a real server:
+test_host_workflows.py; the conversion against the real editor's Export: test_host_frontend.py.)"""
+from __future__ import annotations
+
+import io
+import socket
+import struct
+import sys
+
+import pytest
+
+from conftest import PACK_ROOT
+
+sys.path.append(PACK_ROOT)
+from controlnext_queue.cli import refusal  # noqa: E402
+from controlnext_queue.errors import Exit, QueueError  # noqa: E402
+from controlnext_queue.progress import ProgressDisplay  # noqa: E402
+from controlnext_queue.websocket import ConnectionClosed, WebSocket  # noqa: E402
+from controlnext_queue.workflow import check_model_files, set_input, ui_to_api  # noqa: E402
+
+OBJECT_INFO = {
+    "Loader": {"display_name": "Load Model", "input": {"required": {"name": [["a.safetensors"], {}]}},
+               "input_order": {"required": ["name"]}},
+    "Filter": {"display_name": "Filter", "input": {"required": {"model": ["MODEL"]}}},
+    "Sampler": {"display_name": "Sampler",
+                "input": {"required": {"model": ["MODEL"], "seed": ["INT", {"control_after_generate": True}],
+                                       "steps": ["INT", {"min": 1}], "text": ["STRING", {"multiline": True}]},
+                          "optional": {"strength": ["FLOAT", {}], "extra": ["STRING", {"forceInput": True}]}},
+                "input_order": {"required": ["model", "seed", "steps", "text"], "optional": ["strength", "extra"]}},
+    "LoadImage": {"display_name": "Load Image", "input": {"required": {"image": [["x.png"], {"image_upload": True}],
+                                                                       "scale": ["FLOAT", {}]}}},
+    "V3Loader": {"display_name": "V3 Loader",
+                 "input": {"required": {"controlnext_name": ["COMBO", {"options": ["a/controlnet.safetensors"]}]}}},
+}
+
+
+def ui_node(node_id, node_type, inputs=(), outputs=(), widgets=None, mode=0, title=None):
+    node = {"id": node_id, "type": node_type, "mode": mode, "inputs": [dict(name=n, type=t, link=l) for n, t, l in inputs],
+            "outputs": [dict(name=n, type=t, links=l) for n, t, l in outputs]}
+    if widgets is not None:
+        node["widgets_values"] = widgets
+    if title:
+        node["title"] = title
+    return node
+
+
+def ui_workflow(image_mode=0):
+    """Loader -> Reroute -> bypassed Filter -> Sampler; a note; a Load Image."""
+    return {"nodes": [
+        ui_node(1, "Loader", outputs=[("MODEL", "MODEL", [1])], widgets=["a.safetensors"]),
+        ui_node(2, "Reroute", inputs=[("", "*", 1)], outputs=[("", "MODEL", [2])]),
+        ui_node(3, "Filter", inputs=[("model", "MODEL", 2)], outputs=[("MODEL", "MODEL", [3])], mode=4),
+        ui_node(4, "Sampler", inputs=[("model", "MODEL", 3), ("seed", "INT", None)],
+                widgets=[5, "randomize", 20, "a fox", 0.5], title="My Sampler"),
+        ui_node(5, "Note", widgets=["put a.safetensors in models/checkpoints"]),
+        ui_node(6, "LoadImage", widgets=["x.png", "image", 1.5], mode=image_mode),
+    ], "links": [[1, 1, 0, 2, 0, "*"], [2, 2, 0, 3, 0, "MODEL"], [3, 3, 0, 4, 0, "MODEL"]]}
+
+
+def test_ui_to_api_follows_reroutes_and_bypasses_and_skips_editor_widgets():
+    prompt = ui_to_api(ui_workflow(), OBJECT_INFO)
+    assert prompt == {
+        "1": {"inputs": {"name": "a.safetensors"}, "class_type": "Loader", "_meta": {"title": "Load Model"}},
+        "4": {"inputs": {"model": ["1", 0], "seed": 5, "steps": 20, "text": "a fox", "strength": 0.5},
+              "class_type": "Sampler", "_meta": {"title": "My Sampler"}},
+        "6": {"inputs": {"image": "x.png", "scale": 1.5}, "class_type": "LoadImage", "_meta": {"title": "Load Image"}},
+    }
+
+
+def test_ui_to_api_leaves_out_muted_nodes():
+    assert set(ui_to_api(ui_workflow(image_mode=2), OBJECT_INFO)) == {"1", "4"}
+
+
+def test_ui_to_api_names_node_types_the_server_lacks():
+    workflow = ui_workflow()
+    workflow["nodes"][0]["type"] = "SomePackLoader"
+    with pytest.raises(QueueError) as error:
+        ui_to_api(workflow, OBJECT_INFO)
+    assert error.value.code == Exit.UNKNOWN_NODE and "SomePackLoader" in error.value.message
+
+
+def api_prompt():
+    return {"1": {"class_type": "Loader", "inputs": {"name": "a.safetensors"}, "_meta": {"title": "Load Model"}},
+            "2": {"class_type": "Sampler", "inputs": {"model": ["1", 0], "seed": 1, "steps": 2, "text": "x"},
+                  "_meta": {"title": "Sampler"}},
+            "3": {"class_type": "Sampler", "inputs": {"model": ["1", 0], "seed": 1, "steps": 2, "text": "x"},
+                  "_meta": {"title": "Refiner"}}}
+
+
+def test_set_converts_values_by_input_type():
+    prompt = api_prompt()
+    set_input(prompt, "Refiner", "steps", "30", OBJECT_INFO)
+    set_input(prompt, "2", "text", "42", OBJECT_INFO)
+    set_input(prompt, "2", "strength", "0.25", OBJECT_INFO)
+    assert prompt["3"]["inputs"]["steps"] == 30
+    assert prompt["2"]["inputs"]["text"] == "42" and prompt["2"]["inputs"]["strength"] == 0.25
+
+
+@pytest.mark.parametrize("reference,name,text,expected", [
+    ("Refiner", "steps", "many", "not a valid INT"),
+    ("2", "model", "x", "connected to node 1"),
+    ("2", "stepz", "3", "has no input 'stepz'"),
+    ("Nowhere", "steps", "3", "no node 'Nowhere'"),
+])
+def test_set_refuses_with_a_message(reference, name, text, expected):
+    prompt = api_prompt()
+    with pytest.raises(QueueError) as error:
+        set_input(prompt, reference, name, text, OBJECT_INFO)
+    assert error.value.code == Exit.USAGE and expected in error.value.message
+
+
+def test_a_title_used_twice_asks_for_the_id():
+    prompt = api_prompt()
+    prompt["3"]["_meta"]["title"] = "Sampler"
+    with pytest.raises(QueueError) as error:
+        set_input(prompt, "Sampler", "steps", "3", OBJECT_INFO)
+    assert "ids 2, 3" in error.value.message
+
+
+def test_model_files_the_server_does_not_list_are_named_before_queueing():
+    prompt = {"7": {"class_type": "V3Loader", "inputs": {"controlnext_name": "b/controlnet.safetensors"}}}
+    with pytest.raises(QueueError) as error:
+        check_model_files(prompt, OBJECT_INFO)
+    assert error.value.code == Exit.MISSING_MODEL
+    assert "b/controlnet.safetensors" in error.value.message and "ComfyUI/models/controlnext/" in error.value.message
+    assert "a/controlnet.safetensors" in error.value.message  # what the server has
+
+
+def node_error(kind, received, name="name"):
+    return {"type": kind, "message": "Value not in list" if kind == "value_not_in_list" else "Value too small",
+            "details": f"{name}: {received}", "extra_info": {"input_name": name, "received_value": received,
+                                                             "input_config": [["a.safetensors"], {}]}}
+
+
+def test_a_refusal_with_only_missing_files_is_a_missing_model():
+    answer = {"error": {"type": "prompt_outputs_failed_validation"},
+              "node_errors": {"1": {"errors": [node_error("value_not_in_list", "b.safetensors")],
+                                    "class_type": "Loader"}}}
+    error = refusal(400, answer, api_prompt(), OBJECT_INFO)
+    assert error.code == Exit.MISSING_MODEL and "models/checkpoints" not in error.message
+    assert "b.safetensors" in error.message and "a.safetensors" in error.message
+
+
+def test_a_refusal_with_other_problems_lists_them_all():
+    answer = {"node_errors": {
+        "1": {"errors": [node_error("value_not_in_list", "b.safetensors")], "class_type": "Loader"},
+        "2": {"errors": [node_error("value_smaller_than_min", 0, "steps")], "class_type": "Sampler"}}}
+    error = refusal(400, answer, api_prompt(), OBJECT_INFO)
+    assert error.code == Exit.INVALID_PROMPT
+    assert "node 2 'Sampler'" in error.message and "steps: 0" in error.message and "b.safetensors" in error.message
+
+
+def test_a_refusal_naming_a_missing_class_is_an_unknown_node():
+    answer = {"error": {"type": "invalid_prompt", "message": "Cannot execute because a node is missing the "
+                        "class_type property.", "details": "Node ID '#9'"}, "node_errors": {}}
+    assert refusal(400, answer, {}, OBJECT_INFO).code == Exit.INVALID_PROMPT
+    answer["error"]["message"] = "Cannot execute because node SomePackNode does not exist."
+    assert refusal(400, answer, {}, OBJECT_INFO).code == Exit.UNKNOWN_NODE
+
+
+def test_progress_on_a_pipe_is_a_line_per_node_its_first_step_and_quarters():
+    stream = io.StringIO()
+    display = ProgressDisplay(api_prompt(), stream)
+    display.executing("1")
+    display.executing("2")
+    for value in range(1, 9):
+        display.progress("2", value, 8)
+    display.close()
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "[1/3] Load Model (1)" and lines[1] == "[2/3] Sampler (2)"
+    assert [line.split()[-1] for line in lines[2:]] == ["1/8", "2/8", "4/8", "6/8", "8/8"]
+
+
+def frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    return bytes([(0x80 if fin else 0) | opcode, len(payload)]) + payload
+
+
+def test_websocket_reassembles_fragments_answers_pings_and_reports_close():
+    client, server = socket.socketpair()
+    with client, server:
+        server.sendall(frame(0x1, b'{"type": ', fin=False) + frame(0x9, b"hi") + frame(0x0, b'"status"}')
+                       + frame(0x2, b"\x00\x01") + frame(0x8, struct.pack("!H", 1001)))
+        websocket = WebSocket(client)
+        assert websocket.receive() == '{"type": "status"}'
+        pong = server.recv(64)
+        mask = pong[2:6]
+        assert pong[0] == 0x8A and bytes(b ^ mask[i % 4] for i, b in enumerate(pong[6:])) == b"hi"
+        assert websocket.receive() == b"\x00\x01"
+        with pytest.raises(ConnectionClosed, match="1001"):
+            websocket.receive()

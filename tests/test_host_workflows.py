@@ -17,13 +17,13 @@ import sys
 import threading
 import time
 
-import numpy as np
 import pytest
-from PIL import Image
 
-import host  # noqa: F401  (skips this module without a ComfyUI host)
-from conftest import PACK_ROOT
-from server import (CONTROLNEXT_FILES, ORDINARY_CONTROLNET, PACK_LINK_NAME, SDXL_UNET_DELTAS, ComfyServer,
+import host  # noqa: F401  (skips this module without a ComfyUI host; before the host's packages below)
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+from conftest import PACK_ROOT  # noqa: E402
+from server import (CONTROLNEXT_FILES,  # noqa: E402 ORDINARY_CONTROLNET, PACK_LINK_NAME, SDXL_UNET_DELTAS, ComfyServer,
                     install_official_model_files, make_base_directory, runnable_on_tiny_models)
 
 WORKFLOWS = os.path.join(PACK_ROOT, "workflows")

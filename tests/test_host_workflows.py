@@ -23,8 +23,8 @@ import host  # noqa: F401  (skips this module without a ComfyUI host; before the
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from conftest import PACK_ROOT  # noqa: E402
-from server import (CONTROLNEXT_FILES,  # noqa: E402 ORDINARY_CONTROLNET, PACK_LINK_NAME, SDXL_UNET_DELTAS, ComfyServer,
-                    install_official_model_files, make_base_directory, runnable_on_tiny_models)
+from server import (CONTROLNEXT_FILES, ORDINARY_CONTROLNET, PACK_LINK_NAME, SDXL_UNET_DELTAS,  # noqa: E402
+                    ComfyServer, install_official_model_files, make_base_directory, runnable_on_tiny_models)
 
 WORKFLOWS = os.path.join(PACK_ROOT, "workflows")
 API_WORKFLOWS = os.path.join(WORKFLOWS, "api")

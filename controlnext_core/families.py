@@ -106,7 +106,7 @@ def _describe_foreign(keys: list[str]) -> str:
            for k in keys):
         return "UNet weights (ControlNeXt releases ship these beside the encoder: load them with "\
                "'Load ControlNeXt UNet Weights')"
-    return "not a ControlNeXt condition encoder"
+    return ""
 
 
 def detect_layout(state_dict: Mapping[str, torch.Tensor]) -> str:
@@ -122,7 +122,8 @@ def detect_layout(state_dict: Mapping[str, torch.Tensor]) -> str:
     out = shape("mid_convs.1.weight")
     if out is None or shape("time_embedding.linear_1.weight") is None:
         raise ControlNeXtError(
-            f"This file is {_describe_foreign(keys)}, not a ControlNeXt condition encoder "
+            f"This file is {(_describe_foreign(keys) + ', ') if _describe_foreign(keys) else ''}not a ControlNeXt "
+            f"condition encoder "
             f"(found {len(keys)} tensors, first keys: {', '.join(keys[:3])}; expected keys such as "
             f"'time_embedding.linear_1.weight' and 'mid_convs.1.weight'). "
             f"Load the encoder file of a ControlNeXt release (often named controlnet.safetensors)."

@@ -23,19 +23,41 @@ SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
+def _looks_like_safetensors(path: str, size: int) -> bool:
+    """An 8-byte little-endian header length, then a JSON header that fits in the file."""
+    with open(path, "rb") as file:
+        head = file.read(9)
+    if len(head) < 9:
+        return False
+    header_length = int.from_bytes(head[:8], "little")
+    return head[8:9] == b"{" and 8 + header_length <= size
+
+
+def _looks_like_pytorch(path: str) -> bool:
+    """torch.save writes a zip archive (``PK``), or a pickle starting with the PROTO opcode."""
+    with open(path, "rb") as file:
+        head = file.read(4)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+
+
 def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     """Read a weights file on the CPU without ever running code from it.
 
-    safetensors are read as data; pickles only with ``torch.load(weights_only=True)``, which
-    refuses anything but tensors and plain containers.
+    safetensors are read as data (whatever the file is named); pickles only with
+    ``torch.load(weights_only=True)``, which refuses anything but tensors and plain containers.
     """
     name = os.path.basename(path)
     if not os.path.isfile(path):
         raise ControlNeXtError(f"ControlNeXt file not found: {path}")
-    if os.path.getsize(path) == 0:
+    size = os.path.getsize(path)
+    if size == 0:
         raise ControlNeXtError(f"'{name}' is an empty file (0 bytes): the download failed; download it again.")
     lower = name.lower()
-    if lower.endswith(SAFETENSORS_SUFFIXES):
+    if not lower.endswith(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES):
+        raise ControlNeXtError(
+            f"'{name}' has an unknown extension: ControlNeXt files are .safetensors (or .bin/.pt pickles)."
+        )
+    if lower.endswith(SAFETENSORS_SUFFIXES) or _looks_like_safetensors(path, size):
         import safetensors.torch
 
         try:
@@ -45,7 +67,13 @@ def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
                 f"'{name}' is not a readable safetensors file ({error}); it is probably truncated or corrupt: "
                 f"download it again."
             ) from None
-    elif lower.endswith(PICKLE_SUFFIXES):
+    elif not _looks_like_pytorch(path):
+        raise ControlNeXtError(
+            f"'{name}' is neither a PyTorch weights file nor a safetensors file (it starts with "
+            f"{_first_bytes(path)!r}); it may be a failed download (an error page) or another kind of file: "
+            f"download it again."
+        )
+    else:
         try:
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as error:
@@ -58,13 +86,15 @@ def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
                 f"'{name}' is not a readable PyTorch weights file ({type(error).__name__}: {error}); it is "
                 f"probably truncated or corrupt: download it again."
             ) from None
-    else:
-        raise ControlNeXtError(
-            f"'{name}' has an unknown extension: ControlNeXt files are .safetensors (or .bin/.pt pickles)."
-        )
-    if not isinstance(state_dict, Mapping) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise ControlNeXtError(f"'{name}' does not hold a flat dictionary of tensors, so it is not a model file.")
+    if (not isinstance(state_dict, Mapping) or not all(isinstance(k, str) for k in state_dict)
+            or not all(isinstance(v, torch.Tensor) for v in state_dict.values())):
+        raise ControlNeXtError(f"'{name}' does not hold a flat dictionary of named tensors, so it is not a model file.")
     return dict(state_dict)
+
+
+def _first_bytes(path: str) -> bytes:
+    with open(path, "rb") as file:
+        return file.read(16)
 
 
 class ControlNeXt:
@@ -169,6 +199,12 @@ class ControlNeXt:
 
 def load_encoder(state_dict: Mapping[str, torch.Tensor]) -> ConditionEncoder:
     """The encoder module of an official state dict (strict: every key and shape), on the CPU in fp32."""
+    not_tensors = [str(k) for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors or not all(isinstance(k, str) for k in state_dict):
+        raise ControlNeXtError(
+            f"A ControlNeXt state dict maps names to tensors; this one has "
+            f"{'entries that are not tensors (' + ', '.join(not_tensors[:3]) + ')' if not_tensors else 'keys that are not names'}. "
+            f"Load the file with load_state_dict_file.")
     layout = families.detect_layout(state_dict)
     encoder = ConditionEncoder(encoders.CONFIGS[layout])
     expected = encoder.state_dict()
@@ -185,13 +221,18 @@ def load_encoder(state_dict: Mapping[str, torch.Tensor]) -> ConditionEncoder:
             f"This file looks like a ControlNeXt {families.LAYOUT_DESCRIPTIONS[layout]} encoder but does not match "
             f"it ({'; '.join(parts)}). It may be truncated, converted with other names, or from another project."
         )
-    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    not_float = [f"{k} ({str(v.dtype).replace('torch.', '')})" for k, v in state_dict.items() if not v.is_floating_point()]
+    if not_float:
+        raise ControlNeXtError(
+            f"The ControlNeXt file holds non-float tensors where weights must be floating point "
+            f"({', '.join(not_float[:3])}); it is corrupt or not a ControlNeXt encoder."
+        )
+    # .float(): isfinite has no kernel for the float8 types
+    bad = [k for k, v in state_dict.items() if not torch.isfinite(v.float()).all()]
     if bad:
         raise ControlNeXtError(
             f"The ControlNeXt file holds NaN or infinite weights ({', '.join(bad[:3])}); it is corrupt: download it again."
         )
-    if any(not v.is_floating_point() for v in state_dict.values()):
-        raise ControlNeXtError("The ControlNeXt file holds integer tensors where weights must be floating point.")
     encoder.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
     encoder.eval().requires_grad_(False)
     return encoder

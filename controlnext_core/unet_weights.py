@@ -36,6 +36,8 @@ def unet_weight_patches(
         raise ControlNeXtError(f"Unknown UNet weight mode {mode!r}: use 'add' (deltas) or 'replace' (full weights).")
     if not file_weights:
         raise ControlNeXtError("The UNet weights file is empty: it holds no tensors.")
+    if not all(isinstance(v, torch.Tensor) for v in file_weights.values()):
+        raise ControlNeXtError("The UNet weights file holds entries that are not tensors: it is not a model file.")
     unmapped = [k for k in file_weights if key_map.get(k) not in model_weights]
     if unmapped:
         raise ControlNeXtError(
@@ -52,7 +54,7 @@ def unet_weight_patches(
                 f"UNet weight '{name}' has shape {list(value.shape)} but the model's '{key}' is {list(base.shape)}: "
                 f"the file is for another architecture."
             )
-        if not value.is_floating_point() or not torch.isfinite(value).all():
+        if not value.is_floating_point() or not torch.isfinite(value.float()).all():  # no float8 isfinite kernel
             raise ControlNeXtError(f"UNet weight '{name}' holds NaN, infinite or non-float values: the file is corrupt.")
         if mode == "add":
             patches[key] = ("add", value)

@@ -7,9 +7,9 @@ server started here; a screenshot of the last state is saved under test-artifact
 from __future__ import annotations
 
 import base64
-import re
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -233,12 +233,16 @@ def test_editor_loads_the_extension_without_console_errors(editor, browser, serv
 
 
 def api_inputs(prompt: dict, object_info: dict) -> dict:
-    """Each node's class and the inputs its node type declares (the editor adds others, e.g. upload)."""
+    """Each node's class and the inputs its type declares (the editor adds others, e.g. upload),
+    optional ones left out filled with their defaults (the editor sends every widget)."""
     declared = {}
     for node_id, node in prompt.items():
         spec = object_info[node["class_type"]]["input"]
         names = set(spec.get("required", {})) | set(spec.get("optional", {}))
-        declared[node_id] = (node["class_type"], {k: v for k, v in node["inputs"].items() if k in names})
+        defaults = {name: options[1]["default"] for name, options in spec.get("optional", {}).items()
+                    if len(options) > 1 and isinstance(options[1], dict) and "default" in options[1]}
+        inputs = {k: v for k, v in node["inputs"].items() if k in names}
+        declared[node_id] = (node["class_type"], {**defaults, **inputs})
     return declared
 
 
@@ -386,5 +390,5 @@ def test_a_wrong_family_shows_as_a_message_on_the_node(editor, browser, server, 
     browser.send("Input.dispatchKeyEvent", {"type": "keyDown", "key": "Escape", "code": "Escape",
                                             "windowsVirtualKeyCode": 27})
     wait_until_idle(server)
-    frame(browser, "ControlNeXtLoader", "ControlNeXtApply", "Canny")
+    frame(browser, "ControlNeXtLoader", "ControlNeXtApply", "ControlNeXtCanny")
     browser.screenshot(os.path.join(ARTIFACTS, "frontend_wrong_family.png"))

@@ -42,7 +42,7 @@ patch_module = importlib.import_module(f"{PACK_NAME}.nodes.patch")
 loaders = importlib.import_module(f"{PACK_NAME}.nodes.loaders")
 apply_module = importlib.import_module(f"{PACK_NAME}.nodes.apply")
 
-def sample(model, family: str, batch: int = 1, cfg: float = 2.0, steps: int = 3, size: int = 8, seed: int = 7,
+def sample(model, family: str, batch: int = 1, cfg: float = 2.0, steps: int = 2, size: int = 8, seed: int = 7,
            positive=None, negative=None, sampler: str = "euler") -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(batch, 4, size, size, generator=generator)

@@ -15,15 +15,15 @@ import comfy.supported_models
 
 CONTEXT_DIM = 64
 # The real channel counts where ControlNeXt injects (320 after conv_in and level 0, 1280 at the
-# middle), but one res block per level and one transformer layer: shallow, not narrow.
+# SD1.5 middle), but two levels, one res block each and one transformer layer: shallow, not
+# narrow, so a CPU samples them in a fraction of a second.
 _COMMON = dict(use_checkpoint=False, image_size=32, use_spatial_transformer=True, legacy=False, in_channels=4,
-               out_channels=4, model_channels=320, num_res_blocks=[1, 1, 1], channel_mult=[1, 2, 4],
-               transformer_depth_middle=1, context_dim=CONTEXT_DIM, use_temporal_attention=False,
-               use_temporal_resblock=False)
+               out_channels=4, model_channels=320, num_res_blocks=[1, 1], transformer_depth_middle=1,
+               context_dim=CONTEXT_DIM, use_temporal_attention=False, use_temporal_resblock=False)
 UNET_CONFIGS = {
-    "sd15": dict(_COMMON, transformer_depth=[1, 1, 0], transformer_depth_output=[1, 1, 1, 1, 0, 0],
+    "sd15": dict(_COMMON, channel_mult=[1, 4], transformer_depth=[1, 0], transformer_depth_output=[1, 1, 0, 0],
                  use_linear_in_transformer=False, adm_in_channels=None, num_classes=None),
-    "sdxl": dict(_COMMON, transformer_depth=[0, 1, 1], transformer_depth_output=[0, 0, 1, 1, 1, 1],
+    "sdxl": dict(_COMMON, channel_mult=[1, 2], transformer_depth=[0, 1], transformer_depth_output=[0, 0, 1, 1],
                  use_linear_in_transformer=True, num_classes="sequential", adm_in_channels=2816),
 }
 MODEL_CONFIG_CLASSES = {"sd15": comfy.supported_models.SD15, "sdxl": comfy.supported_models.SDXL,
@@ -88,8 +88,7 @@ def real_size_model_on_meta(family: str) -> comfy.model_patcher.ModelPatcher:
     return comfy.model_patcher.ModelPatcher(base, torch.device("meta"), torch.device("meta"))
 
 
-# Two levels only: SVD-v2 injects after level 0 (320 channels), and video UNets are slow on a CPU.
-SVD_CONFIG = dict(_COMMON, in_channels=8, num_res_blocks=[1, 1], channel_mult=[1, 2], transformer_depth=[1, 1],
+SVD_CONFIG = dict(_COMMON, in_channels=8, channel_mult=[1, 2], transformer_depth=[1, 1],
                   transformer_depth_output=[1, 1, 1, 1],
                   use_linear_in_transformer=True, num_classes="sequential", adm_in_channels=768,
                   use_temporal_attention=True, use_temporal_resblock=True, extra_ff_mix_layer=True,

@@ -4,16 +4,9 @@ from __future__ import annotations
 from comfy_api.latest import io, ui
 
 from ..controlnext_core import ControlNeXtError
-from ..controlnext_core.families import FAMILY_NAMES
+from ..controlnext_core.families import FAMILY_NAMES, LAYOUT_DESCRIPTIONS
 from .loaders import CATEGORY, ControlNeXtType
-from .patch import control_image_from_comfy, make_patch, model_family
-
-
-def check_percent_range(start_percent: float, end_percent: float) -> None:
-    if start_percent > end_percent:
-        raise ControlNeXtError(
-            f"start_percent ({start_percent}) is after end_percent ({end_percent}): control would never act. "
-            f"Make start_percent <= end_percent.")
+from .patch import check_percent_range, control_image_from_comfy, make_patch, model_family
 
 
 class ApplyControlNeXt(io.ComfyNode):
@@ -39,24 +32,30 @@ class ApplyControlNeXt(io.ComfyNode):
                 io.Mask.Input("mask", optional=True,
                               tooltip="Optional: control acts only where the mask is white (resized to the "
                                       "injection block). One mask, or one per latent."),
+                io.Int.Input("refresh_every", default=1, min=1, max=100, optional=True,
+                             tooltip="1 (default) is exact: the control is encoded at every step. k > 1 encodes it "
+                                     "every k steps and reuses it in between: faster (the encoder costs about "
+                                     "1/k), an approximation of the exact result."),
             ],
             outputs=[io.Model.Output(tooltip="A patched copy; the input MODEL is unchanged.")],
         )
 
     @classmethod
     def execute(cls, model, controlnext, image, strength: float, start_percent: float, end_percent: float,
-                mask=None) -> io.NodeOutput:
+                mask=None, refresh_every: int = 1) -> io.NodeOutput:
         check_percent_range(start_percent, end_percent)
         if model_family(model.model) == "svd":
-            raise ControlNeXtError("This is a Stable Video Diffusion model: use Load ControlNeXt SVD and Apply "
-                                   "ControlNeXt SVD, which take one pose image per video frame.")
+            raise ControlNeXtError(f"This is a Stable Video Diffusion model: use Load ControlNeXt SVD and Apply "
+                                   f"ControlNeXt SVD, which take one pose image per video frame ('{controlnext.name}' "
+                                   f"has the {LAYOUT_DESCRIPTIONS[controlnext.layout]}).")
         patched = model.clone()
         if strength == 0:
             return io.NodeOutput(patched)
         if mask is not None and mask.ndim == 2:
             mask = mask[None]
         patch = make_patch(controlnext, model.model, model.get_model_object("model_sampling"),
-                           control_image_from_comfy(image), strength, (start_percent, end_percent), mask)
+                           control_image_from_comfy(image), strength, (start_percent, end_percent), mask,
+                           refresh_every=refresh_every)
         if patch.kind == "output_block_patch":
             patched.set_model_output_block_patch(patch)
         else:

@@ -80,7 +80,7 @@ def patch_unet_weights(model, unet_name: str, strength: float, mode: str):
     family = model_family(model.model)
     if family is None:
         raise ControlNeXtError(
-            f"ControlNeXt UNet weights apply to SD1.5, SDXL and SVD models; this is a "
+            f"'{unet_name}': ControlNeXt UNet weights apply to SD1.5, SDXL and SVD models; this is a "
             f"{model_type_name(model.model)} model.")
     path = resolve(unet_name)
     patched = model.clone()

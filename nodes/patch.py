@@ -3,6 +3,8 @@ ControlNeXt) and the CONTROL_NET route (ComfyUI's Apply ControlNet), so both giv
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 import comfy.controlnet
@@ -78,11 +80,18 @@ class ControlNeXtPatch:
     keyed by everything it depends on (sigmas, sizes, device, dtype), so cond and uncond reuse
     one encoder run whether ComfyUI batches them or calls them separately. It never changes a
     result, so sharing the object between MODEL clones is safe.
+
+    ``refresh_every`` = k > 1 is an opt-in approximation: the unit control is encoded at the first
+    evaluation of steps 0, k, 2k... of a sampling run and reused until the next (``_held``, keyed
+    by the run's schedule and the block of steps, so the result does not depend on earlier runs).
     """
 
     def __init__(self, controlnext: ControlNeXt, patcher, image: torch.Tensor, strength: float,
                  sigma_range: tuple[float, float], block: tuple[str, int], model_sampling,
-                 mask: torch.Tensor | None = None, cond_only: bool = False, frame_policy: str = "error"):
+                 mask: torch.Tensor | None = None, cond_only: bool = False, frame_policy: str = "error",
+                 refresh_every: int = 1):
+        if int(refresh_every) != refresh_every or refresh_every < 1:
+            raise ControlNeXtError(f"refresh_every must be a whole number of steps, 1 or more; got {refresh_every}.")
         self.controlnext = controlnext
         self.patcher = patcher
         self.image = image
@@ -93,7 +102,10 @@ class ControlNeXtPatch:
         self.kind = PATCH_KIND[block[0]]
         self.model_sampling = model_sampling
         self.frame_policy = frame_policy
+        self.refresh_every = int(refresh_every)
         self._memo: tuple | None = None
+        self._held: dict = {}  # refresh mode: the unit controls of the current block of steps
+        self._schedule: tuple | None = None  # refresh mode: (weakref to sample_sigmas, its values)
 
     def __deepcopy__(self, memo):
         return self
@@ -131,6 +143,12 @@ class ControlNeXtPatch:
         latent_size = tuple(transformer_options["original_shape"][-2:])
         frames = self._control_frames(transformer_options, rows)
         key = (tuple(sigma_values), size, latent_size, rows, frames, h.device, h.dtype)
+        block = self._refresh_block(transformer_options, sigma_values[0])
+        if block is not None:  # refresh mode: one unit control per block of refresh_every steps
+            held_key = block + key[1:]
+            if held_key in self._held:
+                return self._held[held_key]
+            self._held = {k: v for k, v in self._held.items() if k[:2] == block}
         memo = self._memo
         if memo is not None and memo[0] == key:
             return memo[1]
@@ -144,7 +162,30 @@ class ControlNeXtPatch:
         control = self.controlnext.encode_for(image, timesteps, size, compute_dtype=h.dtype)
         unit = unit_control(control, size, self.controlnext.rule)
         self._memo = (key, unit)
+        if block is not None:
+            self._held[block + key[1:]] = unit
         return unit
+
+    def _refresh_block(self, transformer_options, sigma: float) -> tuple | None:
+        """Refresh mode: (schedule, index of the block of ``refresh_every`` steps that ``sigma`` falls in).
+
+        A step is the interval between two sigmas of the sampling schedule (``sample_sigmas``), so
+        evaluations inside a step (heun, dpm_2) count with it. The block's control is the one
+        encoded at its first evaluation: steps 0, k, 2k... re-encode, the others reuse it. None in
+        the exact mode, or when ComfyUI gives no schedule.
+        """
+        if self.refresh_every == 1:
+            return None
+        sample_sigmas = transformer_options.get("sample_sigmas")
+        if sample_sigmas is None:
+            return None
+        cached = self._schedule
+        if cached is None or cached[0]() is not sample_sigmas:  # a new sampling run: one read of its schedule
+            cached = (weakref.ref(sample_sigmas), tuple(sample_sigmas.detach().float().cpu().tolist()))
+            self._schedule = cached
+        schedule = cached[1]
+        step = sum(1 for value in schedule[:-1] if value >= sigma * (1.0 - 1e-6)) - 1
+        return schedule, max(step, 0) // self.refresh_every
 
     @staticmethod
     def _control_frames(transformer_options, rows: int) -> tuple[int, ...] | None:
@@ -204,10 +245,12 @@ class OutputBlockPatch(ControlNeXtPatch):
 
 def make_patch(file: ControlNeXtFile, base_model, model_sampling, image: torch.Tensor, strength: float,
                percent_range: tuple[float, float], mask: torch.Tensor | None = None,
-               cond_only: bool = False, frame_policy: str = "error") -> ControlNeXtPatch:
+               cond_only: bool = False, frame_policy: str = "error", refresh_every: int = 1) -> ControlNeXtPatch:
     """Bind ``file`` to ``base_model``'s family and build the patch for its injection block.
 
     Raises ControlNeXtError, before any sampling, when the file cannot serve the model.
+    ``refresh_every`` > 1 (opt-in, approximate) re-encodes the control only every that many
+    sampling steps and reuses it in between; 1 (the default) is exact.
     """
     controlnext = file.bind(base_model)
     unet = base_model.diffusion_model
@@ -221,7 +264,14 @@ def make_patch(file: ControlNeXtFile, base_model, model_sampling, image: torch.T
     patch_class = OutputBlockPatch if block[0] == "output" else InputBlockPatch
     sigma_range = (model_sampling.percent_to_sigma(percent_range[0]), model_sampling.percent_to_sigma(percent_range[1]))
     return patch_class(controlnext, file.patcher, image, strength, sigma_range, block, model_sampling, mask,
-                       cond_only, frame_policy)
+                       cond_only, frame_policy, refresh_every)
+
+
+def check_percent_range(start_percent: float, end_percent: float) -> None:
+    if start_percent > end_percent:
+        raise ControlNeXtError(
+            f"start_percent ({start_percent}) is after end_percent ({end_percent}): control would never act. "
+            f"Make start_percent <= end_percent.")
 
 
 def control_image_from_comfy(image: torch.Tensor) -> torch.Tensor:
@@ -250,6 +300,7 @@ class ControlNeXtControlNet(comfy.controlnet.ControlBase):
 
     def pre_run(self, model, percent_to_timestep_function):
         super().pre_run(model, percent_to_timestep_function)
+        check_percent_range(*self.timestep_percent_range)  # ComfyUI's Apply ControlNet nodes allow start > end
         image = control_image_from_comfy(self.cond_hint_original.movedim(1, -1))
         self.patch = make_patch(self.file, model, model.model_sampling, image, self.strength,
                                 self.timestep_percent_range)

@@ -339,7 +339,7 @@ def test_many_prompts_complete_without_growth_or_leaks(server, record_property):
 
 # --- interrupt ---------------------------------------------------------------------------
 
-LONG_STEPS = 400
+LONG_STEPS = 1000
 PROGRESS = re.compile(rf"\b([1-9]\d*)/{LONG_STEPS} \[")
 
 

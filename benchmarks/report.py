@@ -1,0 +1,258 @@
+"""Tables, targets and the chart of benchmarks/run.py (from its summary dict)."""
+from __future__ import annotations
+
+NAMES = {"sd15": "SD1.5", "sdxl": "SDXL", "svd": "SVD-XT"}
+
+
+def _pct(value: float | None, sign: bool = True) -> str:
+    if value is None:
+        return "–"
+    return f"{'+' if sign and value >= 0 else ''}{100 * value:.1f} %"
+
+
+def _size(family: dict) -> str:
+    height, width = family["pixels"]
+    size = f"{height}²" if height == width else f"{height}×{width}"
+    return f"{family['frames']} × {size}" if family["family"] == "svd" else size
+
+
+def _millions(count: int | None) -> str:
+    return "–" if count is None else f"{count / 1e6:,.1f} M"
+
+
+def _refresh_name(family: dict) -> str | None:
+    return next((name for name in family["overhead"] if name.startswith("controlnext_refresh")), None)
+
+
+def targets(summary: dict) -> list[dict]:
+    """Issue 4's targets, each with the measured value and its limit (fractions)."""
+    rows = []
+
+    def add(name: str, value: float | None, limit: float | None, in_call: float | None = None,
+            in_call_limit: float | None = None) -> None:
+        if value is not None and limit is not None:
+            row = {"target": name, "value": value, "limit": limit, "met": value <= limit}
+            if in_call is not None:
+                row.update(in_call=in_call, in_call_limit=in_call_limit if in_call_limit is not None else limit)
+                row["met_in_call"] = in_call <= row["in_call_limit"]
+            rows.append(row)
+
+    families = summary["families"]
+    for key, family in families.items():
+        overhead = family["overhead"]["controlnext"]
+        controlnet = family["overhead"].get("controlnet")
+        in_call = family.get("overhead_in_call", {})
+        ours, theirs = in_call.get("controlnext"), in_call.get("controlnet")
+        name = NAMES[key]
+        if key == "sd15":
+            floor = 1.15 * family["flops"]["benchmark"]["floor"]
+            add(f"{name}: time overhead <= 1.15 x FLOP floor", overhead, floor, ours)
+            add(f"{name}: time overhead <= 0.6 x ControlNet's", overhead, controlnet and 0.6 * controlnet, ours,
+                theirs and 0.6 * theirs)
+        elif key == "sdxl":
+            add(f"{name}: time overhead <= 4 %", overhead, 0.04, ours)
+            add(f"{name}: time overhead <= 1/10 of ControlNet's", overhead, controlnet and controlnet / 10, ours,
+                theirs and theirs / 10)
+        elif key == "svd":
+            add(f"{name}: time overhead <= 4 %", overhead, 0.04, ours)
+        add(f"{name}: extra peak memory <= 5 %", family["memory"]["extra_fraction"]["controlnext"], 0.05)
+    return rows
+
+
+def markdown(summary: dict) -> str:
+    machine = summary["machine"]
+    families = summary["families"]
+    first = next(iter(families.values()), {})
+    device = first.get("device_name", machine.get("cpu", "?"))
+    cpu_clock = first.get("clock") == "cpu"
+    lines = [
+        f"Measured {summary['date'][:10]} on {device} ({machine.get('ram_gib', '?')} GiB RAM), "
+        f"torch {machine['torch']}, ComfyUI {summary['comfyui'].get('version') or '?'}"
+        f"{' (quick smoke run: shallow test models)' if summary['quick'] else ''}. "
+        f"UNets in {first.get('dtype', '?')} with random weights; one step = ComfyUI's denoiser with CFG "
+        f"(cond + uncond in one batch); median of {summary['runs']} side-by-side rounds after a warm-up"
+        + (f"; time = the step's CPU time on one thread (other jobs shared the machine: load average "
+           f"{summary.get('load_average_start')} → {summary.get('load_average_end')}; wall-clock figures are in "
+           f"the JSON)" if cpu_clock else "") + ". Overheads: side by side (the variant's median step against the "
+        "bare UNet's)" + ("; in brackets, in-call (the time spent inside our patch or ComfyUI's ControlNet "
+                          "`get_control`, against the rest of the same calls)" if cpu_clock else "") + ".",
+        "",
+        "| model | size | bare UNet | + ControlNeXt | + ControlNet | ControlNeXt overhead | its FLOP floor "
+        "| ControlNet overhead | its FLOPs | ours ÷ ControlNet | refresh every "
+        f"{summary['refresh_k']} steps |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def overhead_cell(family: dict, name: str) -> str:
+        value = family["overhead"].get(name)
+        in_call = family.get("overhead_in_call", {}).get(name)
+        if value is None:
+            return "–"
+        return _pct(value) + (f" ({_pct(in_call, False)})" if in_call is not None else "")
+
+    for key, family in families.items():
+        medians, flops = family["median_s"], family["flops"]["benchmark"]
+        refresh = _refresh_name(family)
+        has_cn = "controlnet" in medians
+        ratio = "–"
+        if has_cn:
+            ratio = f"{family['overhead_vs_controlnet']:.2f}"
+            if "overhead_in_call_vs_controlnet" in family:
+                ratio += f" ({family['overhead_in_call_vs_controlnet']:.2f})"
+        cells = [f"{NAMES[key]} ({family['layout']})", _size(family), f"{medians['bare']:.3f} s",
+                 f"{medians['controlnext']:.3f} s", f"{medians['controlnet']:.3f} s" if has_cn else "–",
+                 overhead_cell(family, "controlnext"), _pct(flops["floor"], False),
+                 overhead_cell(family, "controlnet"), _pct(flops.get("controlnet_ratio"), False), ratio,
+                 overhead_cell(family, refresh) if refresh else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| model | UNet params | ControlNeXt params | ControlNet params | extra peak memory, ControlNeXt "
+              "| extra peak memory, ControlNet |", "|---|---|---|---|---|---|"]
+    for key, family in families.items():
+        params, memory = family["params"], family["memory"]
+        extra, fraction = memory["extra_bytes"], memory["extra_fraction"]
+        cn = params.get("controlnet")
+        lines.append(
+            f"| {NAMES[key]} | {_millions(params['unet'])} | {_millions(params['controlnext'])} "
+            f"({100 * params['controlnext'] / params['unet']:.2f} %) | "
+            + (f"{_millions(cn)} ({100 * cn / params['unet']:.1f} %)" if cn else "–")
+            + f" | {_pct(fraction['controlnext'])} ({extra['controlnext'] / 2 ** 20:.0f} MiB) | "
+            + (f"{_pct(fraction['controlnet'])} ({extra['controlnet'] / 2 ** 20:.0f} MiB)" if "controlnet" in extra
+               else "–") + " |")
+    if any("paper" in f["flops"] for f in families.values()):
+        lines += ["", "FLOP floors at the paper's sizes (torch's FLOP counter, matmuls and convolutions, one CFG "
+                  "step of batch 2 per latent):", "",
+                  "| model | size | UNet | ControlNeXt, encoded once per step (this pack) | encoded for every CFG "
+                  "row (official) | ControlNet |", "|---|---|---|---|---|---|"]
+        for key, family in families.items():
+            paper = family["flops"].get("paper")
+            if not paper:
+                continue
+            height, width = paper["pixels"]
+            size = f"{paper['frames']} × {height}×{width}" if key == "svd" else f"{height}²"
+            lines.append(
+                f"| {NAMES[key]} | {size} | {paper['unet'] / 1e9:,.0f} GFLOPs | {paper['controlnext'] / 1e9:,.0f} "
+                f"({_pct(paper['floor'], False)}) | {paper['controlnext_official'] / 1e9:,.0f} "
+                f"({_pct(paper['official'], False)}) | "
+                + (f"{paper['controlnet'] / 1e9:,.0f} ({_pct(paper['controlnet_ratio'], False)})" if "controlnet" in paper
+                   else "–") + " |")
+    accuracy = summary.get("refresh_accuracy")
+    if accuracy:
+        ks = sorted({k for f in accuracy["families"].values() for k in f["k"]}, key=int)
+        any_family = next(iter(accuracy["families"].values()))
+        lines += ["", f"Refresh every k steps vs exact ({any_family['steps']} {any_family['sampler']} steps, "
+                  f"{accuracy['models']}): how far the final latent moves, as a share of the control's own effect "
+                  f"(|refresh − exact| / |exact − bare|)", "",
+                  "| model | " + " | ".join(f"k = {k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+        for key, family in accuracy["families"].items():
+            lines.append(f"| {NAMES[key]} | " + " | ".join(_pct(family["k"][k]["vs_control_effect"], False)
+                                                          for k in ks) + " |")
+    pre = summary.get("preprocessors")
+    if pre:
+        canny, pose, depth = pre["canny"], pre["pose"], pre["depth"]
+        lines += ["", "| preprocessor (CPU) | frames | per frame | frames/s | note |", "|---|---|---|---|---|",
+                  f"| canny, cv2 loop | {canny['frames']} × {canny['size']}² | "
+                  f"{1000 * canny['cv2_loop_s'] / canny['frames']:.2f} ms | {canny['cv2_loop_fps']:.0f} | "
+                  f"what the node runs on a CPU |",
+                  f"| canny, batched tensors | {canny['frames']} × {canny['size']}² | "
+                  f"{1000 * canny['batched_s'] / canny['frames']:.2f} ms | {canny['batched_fps']:.0f} | "
+                  f"{canny['batched_vs_cv2']:.3g}× the cv2 loop's speed; pixel agreement {100 * canny['pixel_agreement']:.3f} % |",
+                  f"| DWPose (pipeline) + drawing | {pose['frames']} × {pose['size']}² | "
+                  f"{pose['detect_ms_per_frame']:.1f} + {pose['draw_ms_per_frame']:.1f} ms | {pose['fps']:.1f} | "
+                  f"stand-in networks: the network time of YOLOX-L + RTMPose-L comes on top |",
+                  f"| depth (pipeline) | {depth['frames']} × {depth['size']}² | {depth['ms_per_frame']:.1f} ms | "
+                  f"{depth['fps']:.1f} | tiny Depth Anything: Depth-Anything-V2-Small's network time comes on top |"]
+    if summary.get("targets"):
+        lines += ["", "| target (issue 4) | side by side | limit | met | in-call | limit | met |",
+                  "|---|---|---|---|---|---|---|"]
+        for row in summary["targets"]:
+            in_call = "| – | – | – |"
+            if "in_call" in row:
+                in_call = (f"| {_pct(row['in_call'], False)} | {_pct(row['in_call_limit'], False)} "
+                           f"| {'yes' if row['met_in_call'] else 'no'} |")
+            lines.append(f"| {row['target']} | {_pct(row['value'], False)} | {_pct(row['limit'], False)} "
+                         f"| {'yes' if row['met'] else 'no'} {in_call}")
+    return "\n".join(lines) + "\n"
+
+
+def chart(summary: dict, path: str) -> str:
+    """A PNG: time overhead per family (ControlNeXt, refresh mode, ControlNet, FLOP floors) and extra peak
+    memory. matplotlib when installed, else a plain PIL drawing of the same bars."""
+    families = summary["families"]
+    labels = [f"{NAMES[k]}\n{_size(f)}" for k, f in families.items()]
+    series = {
+        "ControlNeXt (this pack)": [f["overhead"]["controlnext"] for f in families.values()],
+        f"ControlNeXt, refresh every {summary['refresh_k']}": [
+            f["overhead"][_refresh_name(f)] if _refresh_name(f) else None for f in families.values()],
+        "ComfyUI ControlNet": [f["overhead"].get("controlnet") for f in families.values()],
+        "ControlNeXt FLOP floor": [f["flops"]["benchmark"]["floor"] for f in families.values()],
+        "ControlNet FLOPs": [f["flops"]["benchmark"].get("controlnet_ratio") for f in families.values()],
+    }
+    memory = {"ControlNeXt": [f["memory"]["extra_fraction"]["controlnext"] for f in families.values()],
+              "ComfyUI ControlNet": [f["memory"]["extra_fraction"].get("controlnet") for f in families.values()]}
+    title = (f"Per-step denoiser overhead over the bare UNet ({summary['date'][:10]}, "
+             f"{next(iter(families.values()))['device_name']})")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return _chart_pil(labels, series, memory, title, path)
+    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
+    _bars(left, labels, series, "time or FLOPs over the bare UNet (%)")
+    _bars(right, labels, memory, "extra peak memory over the bare UNet (%)")
+    left.set_title(title, fontsize=9)
+    right.set_title("Peak memory at inference (weights + activations)", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def _bars(axis, labels, series, ylabel) -> None:
+    import numpy as np
+
+    positions = np.arange(len(labels))
+    width = 0.8 / len(series)
+    hatches = {"FLOP floor": "//", "FLOPs": "//"}
+    for index, (name, values) in enumerate(series.items()):
+        heights = [100 * v if v is not None else 0 for v in values]
+        hatch = next((h for key, h in hatches.items() if key in name), None)
+        bars = axis.bar(positions + (index - (len(series) - 1) / 2) * width, heights, width, label=name,
+                        hatch=hatch, alpha=0.55 if hatch else 1.0)
+        for bar, value in zip(bars, values):
+            if value is not None:
+                axis.annotate(f"{100 * value:.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                              ha="center", va="bottom", fontsize=6)
+    axis.set_xticks(positions, labels, fontsize=8)
+    axis.set_ylabel(ylabel, fontsize=8)
+    axis.legend(fontsize=7)
+    axis.grid(axis="y", alpha=0.3)
+
+
+def _chart_pil(labels, series, memory, title, path) -> str:
+    from PIL import Image, ImageDraw
+
+    colours = [(31, 119, 180), (44, 160, 44), (214, 39, 40), (174, 199, 232), (255, 152, 150)]
+    image = Image.new("RGB", (1300, 520), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((20, 10), title, fill="black")
+    for data, left, right in ((series, 60, 760), (memory, 820, 1280)):
+        peak = max([v for values in data.values() for v in values if v is not None] + [0.01])
+        bottom, top = 460, 60
+        draw.line((left, bottom, right, bottom), fill="black")
+        group = (right - left) / len(labels)
+        width = group * 0.8 / len(data)
+        for g, label in enumerate(labels):
+            draw.text((left + g * group + 5, bottom + 8), label.replace("\n", " "), fill="black")
+            for s, (name, values) in enumerate(data.items()):
+                if values[g] is None:
+                    continue
+                x0 = left + g * group + group * 0.1 + s * width
+                y0 = bottom - (bottom - top) * values[g] / peak
+                draw.rectangle((x0, y0, x0 + width - 2, bottom), fill=colours[s % len(colours)])
+                draw.text((x0, y0 - 12), f"{100 * values[g]:.1f}", fill="black")
+        for s, name in enumerate(data):
+            draw.text((left + 10 + 150 * s, top - 30), name, fill=colours[s % len(colours)])
+    image.save(path)
+    return path

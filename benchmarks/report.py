@@ -181,6 +181,7 @@ def chart(summary: dict, path: str) -> str:
     labels = [f"{NAMES[k]}\n{_size(f)}" for k, f in families.items()]
     series = {
         "ControlNeXt (this pack)": [f["overhead"]["controlnext"] for f in families.values()],
+        "ControlNeXt, in-call": [f.get("overhead_in_call", {}).get("controlnext") for f in families.values()],
         f"ControlNeXt, refresh every {summary['refresh_k']}": [
             f["overhead"][_refresh_name(f)] if _refresh_name(f) else None for f in families.values()],
         "ComfyUI ControlNet": [f["overhead"].get("controlnet") for f in families.values()],
@@ -233,7 +234,7 @@ def _bars(axis, labels, series, ylabel) -> None:
 def _chart_pil(labels, series, memory, title, path) -> str:
     from PIL import Image, ImageDraw
 
-    colours = [(31, 119, 180), (44, 160, 44), (214, 39, 40), (174, 199, 232), (255, 152, 150)]
+    colours = [(31, 119, 180), (23, 190, 207), (44, 160, 44), (214, 39, 40), (174, 199, 232), (255, 152, 150)]
     image = Image.new("RGB", (1300, 520), "white")
     draw = ImageDraw.Draw(image)
     draw.text((20, 10), title, fill="black")

@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="shallow test models at 64x64, one round: a smoke run")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated: sd15,sdxl,svd")
-    parser.add_argument("--runs", type=int, default=None, help="timed rounds per variant (default 3; quick 1)")
+    parser.add_argument("--runs", type=int, default=None, help="timed rounds per variant (default 5; quick 1)")
     parser.add_argument("--refresh", type=int, default=None, help="k of the refresh variant (default 3; quick 2)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per worker (default on the CPU: 1, the stable choice on a shared machine)")
@@ -103,7 +103,7 @@ def main() -> None:
     comfy_path = os.environ.get("COMFYUI_PATH")
     if not comfy_path:
         raise SystemExit("Set COMFYUI_PATH to a ComfyUI checkout and run this with that ComfyUI's python.")
-    runs = args.runs or (1 if args.quick else 3)
+    runs = args.runs or (1 if args.quick else 5)
     refresh = args.refresh if args.refresh is not None else (2 if args.quick else 3)
     quick = ["--quick"] if args.quick else []
     threads = ["--threads", str(args.threads)] if args.threads else []

@@ -6,7 +6,7 @@ from comfy_api.latest import io, ui
 from ..controlnext_core import ControlNeXtError
 from ..controlnext_core.families import FAMILY_NAMES, LAYOUT_DESCRIPTIONS
 from .loaders import CATEGORY, ControlNeXtType
-from .patch import check_percent_range, control_image_from_comfy, make_patch, model_family
+from .patch import attach, check_percent_range, control_image_from_comfy, make_patch, model_family
 
 
 class ApplyControlNeXt(io.ComfyNode):
@@ -48,19 +48,14 @@ class ApplyControlNeXt(io.ComfyNode):
             raise ControlNeXtError(f"This is a Stable Video Diffusion model: use Load ControlNeXt SVD and Apply "
                                    f"ControlNeXt SVD, which take one pose image per video frame ('{controlnext.name}' "
                                    f"has the {LAYOUT_DESCRIPTIONS[controlnext.layout]}).")
-        patched = model.clone()
         if strength == 0:
-            return io.NodeOutput(patched)
+            return io.NodeOutput(model.clone())
         if mask is not None and mask.ndim == 2:
             mask = mask[None]
         patch = make_patch(controlnext, model.model, model.get_model_object("model_sampling"),
                            control_image_from_comfy(image), strength, (start_percent, end_percent), mask,
                            refresh_every=refresh_every)
-        if patch.kind == "output_block_patch":
-            patched.set_model_output_block_patch(patch)
-        else:
-            patched.set_model_input_block_patch_after_skip(patch)
-        return io.NodeOutput(patched, ui=applied_ui(cls, patch, image, strength))
+        return io.NodeOutput(attach(model, patch), ui=applied_ui(cls, patch, image, strength))
 
 
 def applied_ui(cls, patch, image, strength: float) -> dict:

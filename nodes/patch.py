@@ -278,6 +278,16 @@ def check_percent_range(start_percent: float, end_percent: float) -> None:
             f"Make start_percent <= end_percent.")
 
 
+def attach(model, patch: ControlNeXtPatch):
+    """A clone of ``model`` with ``patch`` registered at its hook; the input MODEL is untouched."""
+    patched = model.clone()
+    if patch.kind == "output_block_patch":
+        patched.set_model_output_block_patch(patch)
+    else:
+        patched.set_model_input_block_patch_after_skip(patch)
+    return patched
+
+
 def control_image_from_comfy(image: torch.Tensor) -> torch.Tensor:
     """ComfyUI IMAGE [N,H,W,C] -> [N,3,H,W] float in [0,1]; grey and RGBA are converted."""
     if image.ndim != 4 or image.shape[0] == 0:

@@ -14,8 +14,8 @@ from ..controlnext_core.video import control_frames, fusion_weights, linear_guid
 from .apply import check_percent_range
 from .loaders import CATEGORY, ControlNeXtType, model_files, patch_unet_weights, resolve
 from .preprocessors import PoseKeypointType
-from .patch import (FRAME_POLICIES, VIDEO_FRAMES, WINDOW_CONTROL_FRAMES, ControlNeXtFile, control_image_from_comfy,
-                    make_patch, model_family, model_type_name)
+from .patch import (FRAME_POLICIES, VIDEO_FRAMES, WINDOW_CONTROL_FRAMES, ControlNeXtFile, attach,
+                    control_image_from_comfy, make_patch, model_family, model_type_name)
 
 VIDEO_CATEGORY = f"{CATEGORY}/video"
 NO_UNET = "none"
@@ -94,14 +94,12 @@ class ApplyControlNeXtSVD(io.ComfyNode):
                 frame_count: str, cond_only: bool) -> io.NodeOutput:
         require_svd(model)
         check_percent_range(start_percent, end_percent)
-        patched = model.clone()
         if strength == 0:
-            return io.NodeOutput(patched)
+            return io.NodeOutput(model.clone())
         patch = make_patch(controlnext, model.model, model.get_model_object("model_sampling"),
                            control_image_from_comfy(pose_images), strength, (start_percent, end_percent),
                            cond_only=cond_only, frame_policy=frame_count)
-        patched.set_model_input_block_patch_after_skip(patch)
-        return io.NodeOutput(patched)
+        return io.NodeOutput(attach(model, patch))
 
 
 def _window_conds(conds: list[dict] | None, frames: list[int], total: int) -> list[dict] | None:

@@ -62,7 +62,8 @@ def add_unit_control(
     if mask is not None:
         term = term * F.interpolate(mask.float().to(term.device)[:, None], size=hidden.shape[-2:],
                                     mode="bilinear", align_corners=False)
-    return hidden + term.to(hidden.dtype)
+    # one rounding to the hidden dtype: adding a pre-rounded fp16 term rounds twice
+    return (hidden.float() + term).to(hidden.dtype)
 
 
 def add_control(

@@ -9,6 +9,11 @@ import os
 import sys
 
 import pytest
+import torch
+
+# the tiny test models run fastest on one thread (3 s -> 0.1 s for a small sampler call on the
+# 2-core CI box); tests that measure threading set their own
+torch.set_num_threads(1)
 
 PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -301,10 +301,13 @@ def test_start_after_end_fails_on_the_apply_node(server):
 STRENGTHS = (0.35, 0.8, 1.5, 3.0)
 # RSS may grow while the first prompts warm caches (allocator pools, conv kernels). After that
 # it stayed flat on v0.3.64 and grew 0.9 MiB over 46 prompts on v0.33.0 (its RAM-pressure cache
-# keeps earlier prompts' outputs). 8 MiB catches any per-prompt leak over ~180 KiB: a copy of the
-# encoder (14 MiB), of the model's weights, or of a sampled latent batch.
+# keeps earlier prompts' outputs), except for one-off allocator arena steps (6.3 MiB once, at
+# prompt 33 of a CI run). A leak grows RSS in every prompt, so both halves of the run must grow:
+# the smaller half's growth over 4 MiB flags any per-prompt leak over ~180 KiB (a copy of the
+# encoder (14 MiB), of the model's weights, or of a sampled latent batch), while one arena step
+# lands in a single half.
 WARM_PROMPTS = 4
-GROWTH_LIMIT_MIB = 8.0
+HALF_GROWTH_LIMIT_MIB = 4.0
 
 
 def test_many_prompts_complete_without_growth_or_leaks(server, record_property):
@@ -332,9 +335,10 @@ def test_many_prompts_complete_without_growth_or_leaks(server, record_property):
     firsts = latents[:CONTROL_IMAGES]
     assert all(torch.isfinite(latent).all() and not torch.equal(latent, bare_before) for latent in firsts)
     assert len({latent.numpy().tobytes() for latent in firsts}) == CONTROL_IMAGES
-    # memory does not grow past the first prompts
-    growth = max(rss[WARM_PROMPTS:]) - rss[WARM_PROMPTS - 1]
-    assert growth <= GROWTH_LIMIT_MIB, f"RSS grew {growth:.1f} MiB after prompt {WARM_PROMPTS}: {rss}"
+    # memory does not grow prompt after prompt once the first ones have warmed the caches
+    middle = (WARM_PROMPTS - 1 + LOAD_PROMPTS) // 2
+    halves = (max(rss[WARM_PROMPTS:middle + 1]) - rss[WARM_PROMPTS - 1], max(rss[middle + 1:]) - rss[middle])
+    assert min(halves) <= HALF_GROWTH_LIMIT_MIB, f"RSS grew {halves[0]:.1f} then {halves[1]:.1f} MiB: {rss}"
 
 
 # --- interrupt ---------------------------------------------------------------------------

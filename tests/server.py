@@ -32,7 +32,8 @@ def make_base_directory(base: str, with_test_nodes: bool = True) -> str:
     os.symlink(PACK_ROOT, os.path.join(custom_nodes, PACK_LINK_NAME))
     if with_test_nodes:
         os.symlink(TEST_NODES, os.path.join(custom_nodes, "controlnext_test_nodes"))
-    for folder in ("models/controlnext", "models/controlnet", "input", "output"):
+    for folder in ("models/controlnext", "models/controlnet", "models/dwpose", "models/depth_estimation", "input",
+                   "output"):
         os.makedirs(os.path.join(base, folder), exist_ok=True)
     return base
 
@@ -40,6 +41,11 @@ def make_base_directory(base: str, with_test_nodes: bool = True) -> str:
 def comfy_command(base: str, *extra: str) -> list[str]:
     return [sys.executable, "main.py", "--cpu", "--disable-auto-launch", "--base-directory", base,
             "--database-url", "sqlite:///:memory:", *extra]
+
+
+def one_thread_env() -> dict[str, str]:
+    """The tiny test models run fastest on one thread; more only contend on a 2-core CI box."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def read_log(path: str) -> str:
@@ -59,7 +65,7 @@ class ComfyServer:
     def start(self, timeout: float = 90.0) -> "ComfyServer":
         log = open(self.log_path, "w")
         self.process = subprocess.Popen(comfy_command(self.base, "--listen", "127.0.0.1", "--port", str(self.port)),
-                                        cwd=COMFYUI_PATH, stdout=log, stderr=subprocess.STDOUT)
+                                        cwd=COMFYUI_PATH, stdout=log, stderr=subprocess.STDOUT, env=one_thread_env())
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.process.poll() is not None:
@@ -128,10 +134,23 @@ def execution_error(entry: dict) -> str:
 CONTROLNEXT_FILES = {
     "ControlNeXt-SD1.5/vidit_depth/controlnet.safetensors": "mid",
     "ControlAny-SDXL/anime_canny/controlnet.safetensors": "base",
+    "ControlNeXt-SD1.5/deepfashoin_mask/controlnet.safetensors": "mid",  # sic: the official folder name
+    "ControlNeXt-SVD-v2/controlnet.bin": "base",  # the release's torch pickle
 }
 SDXL_UNET_DELTAS = "ControlAny-SDXL/anime_canny/unet.safetensors"
+SD15_UNET_SUBSET = "ControlNeXt-SD1.5/deepfashoin_mask/unet.safetensors"
+SVD_UNET = "ControlNeXt-SVD-v2/unet.bin"
+DEPTH_MODEL = "Depth-Anything-V2-Small-hf"  # a tiny random Depth Anything under the official folder name
 ORDINARY_CONTROLNET = "control_v11p_sd15_canny.pth"
-CHECKPOINT_LOADERS = {"CheckpointLoaderSimple": "ControlNeXtTestTinyCheckpoint"}
+CHECKPOINT_LOADERS = {"CheckpointLoaderSimple": "ControlNeXtTestTinyCheckpoint",
+                      "ImageOnlyCheckpointLoader": "ControlNeXtTestTinyImageOnlyCheckpoint"}
+# DWPose models in models/dwpose: TorchScript stand-ins (the workflows name the ONNX files, which
+# need onnxruntime or OpenCV's DNN to write; the tests set these names with --set). The detector
+# always finds one person and the pose model puts every keypoint at a fixed place in the crop.
+DWPOSE_FILES = {"detector_model": "yolox_l.torchscript.pt", "pose_model": "dw-ll_ucoco_384_bs5.torchscript.pt"}
+# The top-level module names of a diffusers UNet state dict.
+DIFFUSERS_ROOTS = {"conv_in", "conv_out", "conv_norm_out", "time_embedding", "add_embedding", "down_blocks",
+                   "mid_block", "up_blocks"}
 
 
 def install_official_model_files(base: str, ordinary_controlnet: bool = True) -> None:
@@ -141,12 +160,21 @@ def install_official_model_files(base: str, ordinary_controlnet: bool = True) ->
     import torch
 
     from builders import random_encoder_state_dict
+    from tiny_preprocessors import tiny_depth_anything
 
     controlnext = os.path.join(base, "models", "controlnext")
     for name, layout in CONTROLNEXT_FILES.items():
         os.makedirs(os.path.dirname(os.path.join(controlnext, name)), exist_ok=True)
-        safetensors.torch.save_file(random_encoder_state_dict(layout), os.path.join(controlnext, name))
+        if name.endswith(".bin"):
+            torch.save(random_encoder_state_dict(layout), os.path.join(controlnext, name))
+        else:
+            safetensors.torch.save_file(random_encoder_state_dict(layout), os.path.join(controlnext, name))
     safetensors.torch.save_file(tiny_sdxl_unet_deltas(), os.path.join(controlnext, SDXL_UNET_DELTAS))
+    safetensors.torch.save_file(tiny_release_unet("sd15", lambda name: "to_out" in name),
+                                os.path.join(controlnext, SD15_UNET_SUBSET))
+    torch.save(tiny_release_unet("svd"), os.path.join(controlnext, SVD_UNET))
+    install_dwpose_models(os.path.join(base, "models", "dwpose"))
+    tiny_depth_anything(os.path.join(base, "models", "depth_estimation", DEPTH_MODEL))
     if ordinary_controlnet:
         torch.save(tiny_ordinary_controlnet(), os.path.join(base, "models", "controlnet", ORDINARY_CONTROLNET))
 
@@ -165,6 +193,41 @@ def tiny_sdxl_unet_deltas(scale: float = 0.02) -> dict:
     generator = torch.Generator().manual_seed(5)
     return {diffusers: scale * torch.randn(shapes[ldm], generator=generator)
             for diffusers, ldm in comfy.utils.unet_to_diffusers(unet_config).items() if "to_out" in diffusers}
+
+
+def tiny_release_unet(family: str, keep=None, change: float = 0.01) -> dict:
+    """Fine-tuned UNet weights for the test checkpoint's tiny UNet of ``family``, in diffusers
+    names: its own weights slightly changed, all of them (SVD-v2's unet.bin, a whole UNet) or
+    those ``keep`` selects (SD1.5 releases: a subset)."""
+    import torch
+
+    import host
+    from server_nodes.tiny_checkpoint import tiny_unet
+
+    unet_keys = host.importlib.import_module(f"{host.PACK_NAME}.nodes.unet_keys")
+    model = tiny_unet(family)
+    state = model.model_state_dict(filter_prefix="diffusion_model.")
+    names = {name: key for name, key in unet_keys.unet_key_map(model).items()
+             if name.split(".")[0] in DIFFUSERS_ROOTS and key in state}  # the map also names absent layers
+    assert sorted(names.values()) == sorted(state), f"the diffusers map does not cover the tiny {family} UNet"
+    if keep is not None:
+        names = {name: key for name, key in names.items() if keep(name)}
+    generator = torch.Generator().manual_seed(7)
+    return {name: state[key] + change * torch.randn(state[key].shape, generator=generator)
+            for name, key in names.items()}
+
+
+def install_dwpose_models(folder: str) -> None:
+    import torch
+
+    from tiny_preprocessors import PlantedDetector, PlantedPose, save_torchscript
+
+    generator = torch.Generator().manual_seed(2)
+    save_torchscript(PlantedDetector(320.0, 320.0, 240.0, 480.0), torch.zeros(1, 3, 640, 640),
+                     os.path.join(folder, DWPOSE_FILES["detector_model"]))
+    save_torchscript(PlantedPose(torch.randint(150, 420, (133,), generator=generator),
+                                 torch.randint(150, 600, (133,), generator=generator)),
+                     torch.zeros(5, 3, 384, 288), os.path.join(folder, DWPOSE_FILES["pose_model"]))
 
 
 def tiny_ordinary_controlnet() -> dict:

@@ -358,8 +358,8 @@ def wait_until_idle(server, timeout: float = 120) -> None:
 
 def test_after_a_run_the_nodes_show_what_the_run_found(editor, browser, server, tmp_path):
     from PIL import Image
-    Image.new("RGB", (64, 64), (40, 90, 200)).save(tmp_path / "depth.png")  # the template's file name
-    upload(server, str(tmp_path / "depth.png"))
+    Image.new("RGB", (64, 64), (40, 90, 200)).save(tmp_path / "photo.png")  # the template's file name
+    upload(server, str(tmp_path / "photo.png"))
     run_template_in_editor(browser, server, "controlnext_sd15_depth", SMALL)
     loader = status_text(browser, "ControlNeXtLoader")
     applied = status_text(browser, "ControlNeXtApply")

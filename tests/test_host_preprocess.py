@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from conftest import COMFYUI_PATH
-from test_preprocess_dwpose import PlantedPose, RandomDetector, save_torchscript
+from tiny_preprocessors import PlantedPose, RandomDetector, save_torchscript, tiny_depth_anything
 
 nodes = host.importlib.import_module(f"{host.PACK_NAME}.nodes.preprocessors")
 pack_nodes = host.importlib.import_module(f"{host.PACK_NAME}.nodes")
@@ -110,25 +110,6 @@ def test_dwpose_node_runs_on_tiny_models_and_its_keypoints_redraw_identically(mo
     assert torch.equal(redrawn, drawn)
     resized = nodes.ControlNeXtDrawPose.execute(json.dumps(keypoints), 64, 48, True, False, False).result[0]
     assert resized.shape == (3, 48, 64, 3)
-
-
-def tiny_depth_anything(folder) -> None:
-    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
-
-    backbone = Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
-                            patch_size=14, image_size=56, out_features=["stage1", "stage2", "stage3", "stage4"],
-                            reshape_hidden_states=False)
-    config = DepthAnythingConfig(backbone_config=backbone, reassemble_hidden_size=32, patch_size=14,
-                                 neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16, head_hidden_size=8,
-                                 reassemble_factors=[4, 2, 1, 0.5])
-    torch.manual_seed(0)
-    model = DepthAnythingForDepthEstimation(config)
-    for parameter in model.parameters():  # random weights big enough to give a varied map
-        parameter.data.normal_(0, 0.2)
-    model.save_pretrained(str(folder))
-    with open(os.path.join(folder, "preprocessor_config.json"), "w") as file:
-        json.dump({"size": {"height": 56, "width": 56}, "ensure_multiple_of": 14,
-                   "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}, file)
 
 
 def test_depth_node_runs_a_tiny_depth_anything_from_the_models_folder(model_folders):

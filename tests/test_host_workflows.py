@@ -1,10 +1,11 @@
 """Host tests: the workflows in workflows/ and the queue command, against a real ComfyUI server.
 
 The workflows run as shipped but for one substitution, documented in tests/server.py
-(``runnable_on_tiny_models``): Load Checkpoint becomes a test node building tiny models with
+(``runnable_on_tiny_models``): the checkpoint loaders become test nodes building tiny models with
 ComfyUI's own classes, since ComfyUI only recognises full-size checkpoints. Every other node,
 input and file name is the file's own; the ControlNeXt and ControlNet files are tiny random
-ones under the official names. Image size and steps are made small with the command's --set.
+ones under the official names. Image size and steps are made small with the command's --set,
+which also points the DWPose nodes at TorchScript stand-ins of the ONNX files the workflows name.
 """
 from __future__ import annotations
 
@@ -23,21 +24,41 @@ import host  # noqa: F401  (skips this module without a ComfyUI host; before the
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from conftest import PACK_ROOT  # noqa: E402
-from server import (CONTROLNEXT_FILES, ORDINARY_CONTROLNET, PACK_LINK_NAME, SDXL_UNET_DELTAS,  # noqa: E402
-                    ComfyServer, install_official_model_files, make_base_directory, runnable_on_tiny_models)
+from server import (CONTROLNEXT_FILES, DWPOSE_FILES, ORDINARY_CONTROLNET, PACK_LINK_NAME,  # noqa: E402
+                    SD15_UNET_SUBSET, SDXL_UNET_DELTAS, SVD_UNET, ComfyServer, install_official_model_files, make_base_directory,
+                    runnable_on_tiny_models)
 
 WORKFLOWS = os.path.join(PACK_ROOT, "workflows")
 API_WORKFLOWS = os.path.join(WORKFLOWS, "api")
 # Every workflow in workflows/ (UI format) and workflows/api/, with the titles of the Load Image
 # nodes the shell run uploads an image to. A new workflow is one entry here.
 WORKFLOW_IMAGES = {
-    "controlnext_sd15_depth": ("Depth Map",),
+    "controlnext_sd15_depth": ("Photo",),
+    "controlnext_sd15_mask": ("Mask",),
     "controlnext_sdxl_canny": ("Photo",),
     "controlnext_sdxl_canny_unet_weights": ("Photo",),
     "controlnext_sd15_stacked_controlnet": ("Depth Map", "Photo"),
+    "controlnext_svd_pose_video": ("Reference", "Driving Video"),
 }
-SMALL = ["--set", "Empty Latent Image.width=64", "--set", "Empty Latent Image.height=64", "--set", "KSampler.steps=2"]
-MODEL_INPUTS = ("ckpt_name", "controlnext_name", "unet_name", "control_net_name")
+DRIVING_FRAMES = 6
+
+
+def settings(*pairs: str) -> list[str]:
+    return [arg for pair in pairs for arg in ("--set", pair)]
+
+
+SMALL = settings("Empty Latent Image.width=64", "Empty Latent Image.height=64", "KSampler.steps=2")
+SMALL_VIDEO = settings("SVD_img2vid_Conditioning.width=64", "SVD_img2vid_Conditioning.height=64",
+                       "BasicScheduler.steps=2", "ControlNeXt SVD Window Guider.window=4",
+                       "ControlNeXt SVD Window Guider.overlap=2",
+                       *(f"{node}.{name}={file}" for node in ("DWPose Reference", "DWPose Driving Video")
+                         for name, file in DWPOSE_FILES.items()))
+# Per workflow: the settings that make it small, its sampler's title and the frames it saves.
+RUNS = {name: (SMALL, "KSampler", 1) for name in WORKFLOW_IMAGES}
+RUNS["controlnext_svd_pose_video"] = (SMALL_VIDEO, "SamplerCustomAdvanced", DRIVING_FRAMES)
+SAVE_NODES = ("SaveImage", "SaveAnimatedWEBP")
+MODEL_INPUTS = ("ckpt_name", "controlnext_name", "unet_name", "control_net_name", "detector_model", "pose_model",
+                "depth_model")
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +72,21 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> dict[str, str]:
-    """A depth-like gradient and a photo-like image of blocks, as files to upload."""
+    """A depth-like gradient, a mask of it, photo-like images of blocks and an animated WEBP of
+    them, as files to upload."""
     folder = tmp_path_factory.mktemp("images")
     ramp = np.linspace(0, 255, 64, dtype=np.uint8)
     depth = np.repeat(np.add.outer(ramp, ramp[::-1])[:, :, None] // 2, 3, axis=2).astype(np.uint8)
-    blocks = (np.random.default_rng(0).random((8, 8, 3)) * 255).astype(np.uint8)
-    paths = {"Depth Map": str(folder / "depth_in.png"), "Photo": str(folder / "photo_in.png")}
+    rng = np.random.default_rng(0)
+    blocks = [Image.fromarray((rng.random((8, 8, 3)) * 255).astype(np.uint8)).resize((64, 64), Image.NEAREST)
+              for _ in range(1 + DRIVING_FRAMES)]
+    paths = {"Depth Map": str(folder / "depth_in.png"), "Photo": str(folder / "photo_in.png"),
+             "Reference": str(folder / "photo_in.png"), "Driving Video": str(folder / "dance.webp"),
+             "Mask": str(folder / "mask_in.png")}
     Image.fromarray(depth).save(paths["Depth Map"])
-    Image.fromarray(blocks).resize((64, 64), Image.NEAREST).save(paths["Photo"])
+    Image.fromarray(np.where(depth > 64, 255, 0).astype(np.uint8)).save(paths["Mask"])
+    blocks[0].save(paths["Photo"])
+    blocks[1].save(paths["Driving Video"], save_all=True, append_images=blocks[2:], duration=125, loop=0)
     return paths
 
 
@@ -157,6 +185,9 @@ def test_notes_in_the_graph_say_where_each_model_file_goes(name):
                 assert node["inputs"][key] in notes, f"no note names {node['inputs'][key]}"
     for folder in ("models/checkpoints", "models/controlnext"):
         assert folder in notes
+    for key, folder in (("detector_model", "models/dwpose"), ("depth_model", "models/depth_estimation")):
+        if any(key in node["inputs"] for node in read_json(os.path.join(API_WORKFLOWS, f"{name}.json")).values()):
+            assert folder in notes
 
 
 def test_official_file_names_are_the_ones_the_server_has():
@@ -165,24 +196,29 @@ def test_official_file_names_are_the_ones_the_server_has():
     used = {node["inputs"][key] for name in WORKFLOW_IMAGES
             for node in read_json(os.path.join(API_WORKFLOWS, f"{name}.json")).values()
             for key in ("controlnext_name", "unet_name", "control_net_name") if key in node["inputs"]}
-    assert used == set(CONTROLNEXT_FILES) | {SDXL_UNET_DELTAS, ORDINARY_CONTROLNET}
+    assert used == set(CONTROLNEXT_FILES) | {SDXL_UNET_DELTAS, SD15_UNET_SUBSET, SVD_UNET, ORDINARY_CONTROLNET}
 
 
 @pytest.mark.parametrize("name", sorted(WORKFLOW_IMAGES))
 def test_api_workflow_runs_from_the_shell(server, name, images, tmp_path):
+    small, sampler, frames = RUNS[name]
     out = tmp_path / "out"
     result = queue(runnable_copy(name, tmp_path), "--server", server.url, "--out", str(out),
-                   *image_args(name, images), *SMALL)
+                   *image_args(name, images), *small)
     assert result.returncode == 0, result.stderr + server.log()[-2000:]
     saved = result.stdout.split()
     assert len(saved) == 1 and saved[0].startswith(str(out))
-    picture = np.asarray(Image.open(saved[0]))
-    assert picture.shape == (64, 64, 3) and picture.std() > 0
+    with Image.open(saved[0]) as picture:
+        assert getattr(picture, "n_frames", 1) == frames
+        for frame in range(frames):
+            picture.seek(frame)
+            pixels = np.asarray(picture.convert("RGB"))
+            assert pixels.shape == (64, 64, 3) and pixels.std() > 0
     for title in WORKFLOW_IMAGES[name]:
         assert f"'{title}'" in result.stderr and "uploaded" in result.stderr
-    assert "KSampler" in result.stderr and "2/2" in result.stderr  # the per-node progress bar
+    assert sampler in result.stderr and "2/2" in result.stderr  # the per-node progress bar
     prefix = read_json(os.path.join(API_WORKFLOWS, f"{name}.json"))
-    prefix = next(n["inputs"]["filename_prefix"] for n in prefix.values() if n["class_type"] == "SaveImage")
+    prefix = next(n["inputs"]["filename_prefix"] for n in prefix.values() if n["class_type"] in SAVE_NODES)
     assert os.path.relpath(saved[0], out).startswith(os.path.dirname(prefix))  # kept the server's subfolder
 
 

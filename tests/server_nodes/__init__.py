@@ -10,7 +10,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
 from tiny_unet import conditioning, tiny_model  # noqa: E402
 
-from .tiny_checkpoint import TinyCheckpoint  # noqa: E402
+from .tiny_checkpoint import TinyCheckpoint, TinyImageOnlyCheckpoint  # noqa: E402
 
 
 class TinyModel:
@@ -45,4 +45,5 @@ class LatentAsImage:
 
 
 NODE_CLASS_MAPPINGS = {"ControlNeXtTestTinyModel": TinyModel, "ControlNeXtTestLatentAsImage": LatentAsImage,
-                       "ControlNeXtTestTinyCheckpoint": TinyCheckpoint}
+                       "ControlNeXtTestTinyCheckpoint": TinyCheckpoint,
+                       "ControlNeXtTestTinyImageOnlyCheckpoint": TinyImageOnlyCheckpoint}

@@ -62,8 +62,7 @@ def add_unit_control(
     if mask is not None:
         term = term * F.interpolate(mask.float().to(term.device)[:, None], size=hidden.shape[-2:],
                                     mode="bilinear", align_corners=False)
-    # one rounding to the hidden dtype: adding a pre-rounded fp16 term rounds twice
-    return (hidden.float() + term).to(hidden.dtype)
+    return hidden + term.to(hidden.dtype)  # no fp32 copy of the hidden state
 
 
 def add_control(

@@ -10,6 +10,7 @@ import torch
 import comfy.controlnet
 import comfy.model_management
 import comfy.model_patcher
+import comfy.patcher_extension
 
 from ..controlnext_core import ControlNeXt, ControlNeXtError, add_unit_control, bind, injection_block, injection_channels, resize_control, unit_control
 from ..controlnext_core.encoders import ConditionEncoder
@@ -24,6 +25,9 @@ LATENT_SCALE = 8  # SD1.5, SDXL and SVD VAEs all downscale by 8
 WINDOW_CONTROL_FRAMES = "controlnext_control_frames"
 VIDEO_FRAMES = "controlnext_video_frames"
 FRAME_POLICIES = ("error", "resample")
+# transformer_options key of this model call's sigmas as floats: (the sigmas tensor, its values)
+STEP_SIGMAS = "controlnext_step_sigmas"
+WRAPPER_KEY = "controlnext"
 
 
 def model_type_name(base_model) -> str:
@@ -73,6 +77,29 @@ class ControlNeXtFile:
         return self
 
 
+def step_sigmas(transformer_options: dict) -> tuple[float, ...]:
+    """This model call's sigmas as floats, read from the device once per call.
+
+    The read waits for the GPU, so it happens before the UNet's kernels are queued: in the
+    diffusion-model wrapper ``attach`` registers, or in ``get_control`` on the CONTROL_NET route
+    (where ComfyUI's own ControlNets check their timestep range). The patch inside the UNet then
+    finds the values and never waits.
+    """
+    sigmas = transformer_options["sigmas"]
+    cached = transformer_options.get(STEP_SIGMAS)
+    if cached is None or cached[0] is not sigmas:
+        cached = (sigmas, tuple(sigmas.detach().float().cpu().tolist()))
+        transformer_options[STEP_SIGMAS] = cached
+    return cached[1]
+
+
+def read_sigmas_before_the_unet(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+    """DIFFUSION_MODEL wrapper: see ``step_sigmas``."""
+    if "sigmas" in transformer_options:
+        step_sigmas(transformer_options)
+    return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+
+
 class ControlNeXtPatch:
     """Encode the control once per step, cross-normalise it and add it at one UNet block.
 
@@ -120,7 +147,7 @@ class ControlNeXtPatch:
         if transformer_options.get("block") != self.block:
             return h
         sigmas = transformer_options["sigmas"]
-        sigma_values = sigmas.detach().float().cpu().tolist()  # a few floats: the one host sync
+        sigma_values = list(step_sigmas(transformer_options))
         if not self.sigma_end <= sigma_values[0] <= self.sigma_start:
             return h
         chunks = transformer_options.get("cond_or_uncond") or [0]
@@ -285,6 +312,9 @@ def attach(model, patch: ControlNeXtPatch):
         patched.set_model_output_block_patch(patch)
     else:
         patched.set_model_input_block_patch_after_skip(patch)
+    wrapper_type = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
+    if read_sigmas_before_the_unet not in patched.get_wrappers(wrapper_type, WRAPPER_KEY):  # once when stacked
+        patched.add_wrapper_with_key(wrapper_type, WRAPPER_KEY, read_sigmas_before_the_unet)
     return patched
 
 
@@ -324,6 +354,8 @@ class ControlNeXtControlNet(comfy.controlnet.ControlBase):
         if self.previous_controlnet is not None:
             control_prev = self.previous_controlnet.get_control(x_noisy, t, cond, batched_number, transformer_options)
         if self.patch is not None:
+            if "sigmas" in transformer_options:
+                step_sigmas(transformer_options)
             patches = dict(transformer_options.get("patches", {}))
             patches[self.patch.kind] = list(patches.get(self.patch.kind, [])) + [self.patch]
             transformer_options["patches"] = patches

@@ -11,6 +11,7 @@ from host import apply, assert_close, conditioning, control_image, count_encoder
 
 import comfy.model_management
 import comfy.model_patcher
+import comfy.patcher_extension
 import comfy.supported_models
 import nodes as comfy_nodes
 
@@ -104,6 +105,40 @@ def test_memory_split_cfg_gives_the_same_result_and_still_encodes_once(tmp_path,
     assert all(len(chunk) == 1 for chunk in seen_chunks) and len(seen_chunks) == 4
     assert calls == [1, 1]
     assert_close(split, batched)
+
+
+@pytest.mark.parametrize("route", ["model", "controlnet"])
+def test_the_patch_finds_the_step_sigmas_read_before_the_unet(tmp_path, monkeypatch, route):
+    """Reading sigmas from the device waits for the GPU: it happens once per model call before the
+    UNet's kernels are queued, never at the injection block inside the UNet."""
+    model = tiny_model("sd15")
+    file = loaded(tmp_path, "mid")
+    ready = []
+    original = host.patch_module.ControlNeXtPatch.inject
+
+    def spy(self, h, transformer_options):
+        if transformer_options.get("block") == self.block:
+            cached = transformer_options.get(host.patch_module.STEP_SIGMAS)
+            ready.append(cached is not None and cached[0] is transformer_options["sigmas"])
+        return original(self, h, transformer_options)
+
+    monkeypatch.setattr(host.patch_module.ControlNeXtPatch, "inject", spy)
+    if route == "model":
+        sample(apply(model, file, control_image()), "sd15", steps=3)
+    else:
+        positive, negative = controlnet_route("sd15", file, control_image())
+        sample(model, "sd15", positive=positive, negative=negative, steps=3)
+    assert ready == [True] * 3
+
+
+def test_stacked_applies_register_one_sigma_reader(tmp_path):
+    model = tiny_model("sd15")
+    file = loaded(tmp_path, "mid")
+    twice = apply(apply(model, file, control_image(seed=1)), file, control_image(seed=2))
+    wrapper_type = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
+    assert twice.get_wrappers(wrapper_type, host.patch_module.WRAPPER_KEY) == \
+        [host.patch_module.read_sigmas_before_the_unet]
+    assert model.get_wrappers(wrapper_type, host.patch_module.WRAPPER_KEY) == []
 
 
 def test_cfg_one_runs_the_cond_half_only(tmp_path):

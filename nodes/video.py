@@ -9,7 +9,7 @@ from comfy_api.latest import io
 
 from ..controlnext_core import ControlNeXtError, load_encoder, load_state_dict_file
 from ..controlnext_core.preprocess.align import align_poses
-from ..controlnext_core.preprocess.pose import draw_poses, frames_from_openpose, to_openpose
+from ..controlnext_core.preprocess.pose import frames_from_openpose, to_openpose
 from ..controlnext_core.video import control_frames, fusion_weights, linear_guidance, plan_windows
 from .apply import check_percent_range
 from .loaders import CATEGORY, ControlNeXtType, model_files, patch_unet_weights, resolve
@@ -198,23 +198,21 @@ class AlignPoses(io.ComfyNode):
             display_name="Align Poses to Reference (ControlNeXt)",
             category=VIDEO_CATEGORY,
             description="Rescales and shifts a driving pose video onto the reference image's pose, as the official "
-                        "ControlNeXt-SVD-v2 preprocessing does, and draws it on the reference image's canvas.",
+                        "ControlNeXt-SVD-v2 preprocessing does, on the reference image's canvas. Draw the result with "
+                        "Draw Pose (ControlNeXt).",
             inputs=[
                 PoseKeypointType.Input("reference_pose",
                                        tooltip="Keypoints of the reference image (DWPose node, or another pack's "
                                                "POSE_KEYPOINT): its first person is the target."),
                 PoseKeypointType.Input("video_poses", tooltip="Keypoints of every frame of the driving video."),
-                io.Boolean.Input("draw_hands", default=True, tooltip="Draw the hands (the SVD-v2 release saw them)."),
-                io.Boolean.Input("draw_face", default=True, tooltip="Draw the face points."),
             ],
-            outputs=[io.Image.Output(display_name="pose_images",
-                                     tooltip="One aligned pose image per frame, at the reference image's size."),
-                     PoseKeypointType.Output(display_name="POSE_KEYPOINT", tooltip="The aligned keypoints.")],
+            outputs=[PoseKeypointType.Output(display_name="POSE_KEYPOINT",
+                                             tooltip="The aligned keypoints, one frame per driving frame, on the "
+                                                     "reference image's canvas.")],
         )
 
     @classmethod
-    def execute(cls, reference_pose, video_poses, draw_hands: bool, draw_face: bool) -> io.NodeOutput:
+    def execute(cls, reference_pose, video_poses) -> io.NodeOutput:
         reference = frames_from_openpose(reference_pose)[0]
         aligned = align_poses(reference, frames_from_openpose(video_poses))
-        images = draw_poses(aligned, body=True, hands=draw_hands, face=draw_face)
-        return io.NodeOutput(images, [to_openpose(frame) for frame in aligned])
+        return io.NodeOutput([to_openpose(frame) for frame in aligned])

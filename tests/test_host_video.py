@@ -140,20 +140,23 @@ def test_memory_follows_the_window_not_the_video_length():
     assert long_video <= 1.10 * one_window, f"40 frames: +{long_video} MiB, one 14-frame window: +{one_window} MiB"
 
 
-def test_align_poses_node_draws_the_video_on_the_reference_canvas():
+def test_align_poses_node_fits_the_video_on_the_reference_canvas_for_draw_pose():
     from test_core_align import person  # the same synthetic skeletons as the core tests
     import numpy as np
 
     pose = host.importlib.import_module(f"{host.PACK_NAME}.controlnext_core.preprocess.pose")
+    preprocessors = host.importlib.import_module(f"{host.PACK_NAME}.nodes.preprocessors")
     body = np.random.default_rng(4).uniform(0.3, 0.7, (18, 2))
     reference = pose.to_openpose(pose.PoseFrame(person(body)[None], 96, 160))
     frames = [pose.to_openpose(pose.PoseFrame(person(body * 0.5 + 0.1)[None], 128, 72)) for _ in range(3)]
-    images, keypoints = video.AlignPoses.execute(reference, frames, True, True).result
-    assert images.shape == (3, 160, 96, 3) and images.max() > 0.5
+    (keypoints,) = video.AlignPoses.execute(reference, frames).result
     aligned = pose.frames_from_openpose(keypoints)
+    assert len(aligned) == 3 and (aligned[0].width, aligned[0].height) == (96, 160)
     assert np.allclose(aligned[0].keypoints[0, :18, 1], body[:, 1], atol=1e-6)  # vertical fit is exact here
+    images = preprocessors.ControlNeXtDrawPose.execute(keypoints, 0, 0, True, True, True).result[0]
+    assert images.shape == (3, 160, 96, 3) and images.max() > 0.5
     with pytest.raises(host.core.ControlNeXtError, match="No person was found in the reference"):
-        video.AlignPoses.execute({"people": [], "canvas_width": 96, "canvas_height": 160}, frames, True, True)
+        video.AlignPoses.execute({"people": [], "canvas_width": 96, "canvas_height": 160}, frames)
 
 
 def test_cooperates_with_comfyui_context_windows(svd_file, monkeypatch):

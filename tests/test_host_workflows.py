@@ -48,7 +48,8 @@ def settings(*pairs: str) -> list[str]:
 
 
 SMALL = settings("Empty Latent Image.width=64", "Empty Latent Image.height=64", "KSampler.steps=2")
-SMALL_VIDEO = settings("SVD_img2vid_Conditioning.width=64", "SVD_img2vid_Conditioning.height=64",
+SMALL_VIDEO = settings("Reference at Video Size.width=64", "Reference at Video Size.height=64",
+                       "SVD_img2vid_Conditioning.width=64", "SVD_img2vid_Conditioning.height=64",
                        "BasicScheduler.steps=2", "ControlNeXt SVD Window Guider.window=4",
                        "ControlNeXt SVD Window Guider.overlap=2",
                        *(f"{node}.{name}={file}" for node in ("DWPose Reference", "DWPose Driving Video")

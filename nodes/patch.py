@@ -93,10 +93,15 @@ def step_sigmas(transformer_options: dict) -> tuple[float, ...]:
     return cached[1]
 
 
-def read_sigmas_before_the_unet(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
-    """DIFFUSION_MODEL wrapper: see ``step_sigmas``."""
+def read_step_sigmas_early(transformer_options: dict) -> None:
+    """Before the UNet: see ``step_sigmas`` (a call without sigmas, outside sampling, has none to read)."""
     if "sigmas" in transformer_options:
         step_sigmas(transformer_options)
+
+
+def read_sigmas_before_the_unet(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+    """DIFFUSION_MODEL wrapper: see ``step_sigmas``."""
+    read_step_sigmas_early(transformer_options)
     return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
 
 
@@ -354,8 +359,7 @@ class ControlNeXtControlNet(comfy.controlnet.ControlBase):
         if self.previous_controlnet is not None:
             control_prev = self.previous_controlnet.get_control(x_noisy, t, cond, batched_number, transformer_options)
         if self.patch is not None:
-            if "sigmas" in transformer_options:
-                step_sigmas(transformer_options)
+            read_step_sigmas_early(transformer_options)
             patches = dict(transformer_options.get("patches", {}))
             patches[self.patch.kind] = list(patches.get(self.patch.kind, [])) + [self.patch]
             transformer_options["patches"] = patches

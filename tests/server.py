@@ -169,8 +169,9 @@ def install_official_model_files(base: str, ordinary_controlnet: bool = True) ->
             torch.save(random_encoder_state_dict(layout), os.path.join(controlnext, name))
         else:
             safetensors.torch.save_file(random_encoder_state_dict(layout), os.path.join(controlnext, name))
-    safetensors.torch.save_file(tiny_sdxl_unet_deltas(), os.path.join(controlnext, SDXL_UNET_DELTAS))
-    safetensors.torch.save_file(tiny_release_unet("sd15", lambda name: "to_out" in name),
+    safetensors.torch.save_file(tiny_release_unet("sdxl", is_attention_output, deltas=True, change=0.02),
+                                os.path.join(controlnext, SDXL_UNET_DELTAS))
+    safetensors.torch.save_file(tiny_release_unet("sd15", is_attention_output),
                                 os.path.join(controlnext, SD15_UNET_SUBSET))
     torch.save(tiny_release_unet("svd"), os.path.join(controlnext, SVD_UNET))
     install_dwpose_models(os.path.join(base, "models", "dwpose"))
@@ -179,26 +180,15 @@ def install_official_model_files(base: str, ordinary_controlnet: bool = True) ->
         torch.save(tiny_ordinary_controlnet(), os.path.join(base, "models", "controlnet", ORDINARY_CONTROLNET))
 
 
-def tiny_sdxl_unet_deltas(scale: float = 0.02) -> dict:
-    """A release-style delta file for tiny_unet's SDXL: diffusers names of its attention outputs
-    (the kind of weights the official anime_canny unet.safetensors holds)."""
-    import torch
-
-    import comfy.utils
-    from tiny_unet import MODEL_CONFIG_CLASSES, UNET_CONFIGS
-
-    unet_config = dict(UNET_CONFIGS["sdxl"])
-    model = MODEL_CONFIG_CLASSES["sdxl"](unet_config).get_model({}, device="meta")
-    shapes = {name: param.shape for name, param in model.diffusion_model.named_parameters()}
-    generator = torch.Generator().manual_seed(5)
-    return {diffusers: scale * torch.randn(shapes[ldm], generator=generator)
-            for diffusers, ldm in comfy.utils.unet_to_diffusers(unet_config).items() if "to_out" in diffusers}
+def is_attention_output(name: str) -> bool:
+    """The weights the SDXL and SD1.5 releases' UNet files hold: attention output projections."""
+    return "to_out" in name
 
 
-def tiny_release_unet(family: str, keep=None, change: float = 0.01) -> dict:
-    """Fine-tuned UNet weights for the test checkpoint's tiny UNet of ``family``, in diffusers
-    names: its own weights slightly changed, all of them (SVD-v2's unet.bin, a whole UNet) or
-    those ``keep`` selects (SD1.5 releases: a subset)."""
+def tiny_release_unet(family: str, keep=None, deltas: bool = False, change: float = 0.01) -> dict:
+    """A release's UNet file for the test checkpoint's tiny UNet of ``family``, in diffusers names:
+    its own weights slightly changed, all of them (SVD-v2's unet.bin, a whole UNet) or those
+    ``keep`` selects (SD1.5 releases: a subset); or only the changes (SDXL releases: deltas)."""
     import torch
 
     import host
@@ -213,7 +203,7 @@ def tiny_release_unet(family: str, keep=None, change: float = 0.01) -> dict:
     if keep is not None:
         names = {name: key for name, key in names.items() if keep(name)}
     generator = torch.Generator().manual_seed(7)
-    return {name: state[key] + change * torch.randn(state[key].shape, generator=generator)
+    return {name: (0.0 if deltas else state[key]) + change * torch.randn(state[key].shape, generator=generator)
             for name, key in names.items()}
 
 

@@ -103,6 +103,16 @@ class ComfyServer:
         except urllib.error.HTTPError as error:
             return error.code, json.loads(error.read() or b"{}")
 
+    def wait_until_idle(self, timeout: float = 60.0) -> None:
+        """Until nothing runs or waits in the queue (after an interrupted or abandoned prompt)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            state = self.get("/queue")
+            if not state["queue_running"] and not state["queue_pending"]:
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"the server did not become idle within {timeout} s")
+
     def run(self, prompt: dict, timeout: float = 300.0) -> dict:
         """Queue an API-format graph and wait for its history entry."""
         status, answer = self.post("/prompt", {"prompt": prompt, "client_id": self.client_id})

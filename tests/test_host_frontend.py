@@ -346,16 +346,6 @@ def frame(browser, *node_types: str) -> None:
     time.sleep(0.5)
 
 
-def wait_until_idle(server, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        state = server.get("/queue")
-        if not state["queue_running"] and not state["queue_pending"]:
-            return
-        time.sleep(0.2)
-    raise AssertionError("the server did not finish the prompt")
-
-
 def test_after_a_run_the_nodes_show_what_the_run_found(editor, browser, server, tmp_path):
     from PIL import Image
     Image.new("RGB", (64, 64), (40, 90, 200)).save(tmp_path / "photo.png")  # the template's file name
@@ -367,7 +357,7 @@ def test_after_a_run_the_nodes_show_what_the_run_found(editor, browser, server, 
     assert applied["state"] == "ok" and applied["text"].startswith("SD1.5 model: control after middle")
     browser.wait_for(f"""(() => {{ const n = {APP}.graph.nodes.find((n) => n.type === "ControlNeXtApply");
                          return (n.imgs || []).length > 0; }})()""", 30, "the control image preview")
-    wait_until_idle(server)
+    server.wait_until_idle(timeout=120)
     frame(browser, "ControlNeXtLoader", "ControlNeXtApply", "LoadImage")
     browser.screenshot(os.path.join(ARTIFACTS, "frontend_after_run.png"))
     assert not [error for error in browser.errors() if "ControlNeXt" in error and "Error" not in error]
@@ -389,6 +379,6 @@ def test_a_wrong_family_shows_as_a_message_on_the_node(editor, browser, server, 
     assert "Traceback" not in status
     browser.send("Input.dispatchKeyEvent", {"type": "keyDown", "key": "Escape", "code": "Escape",
                                             "windowsVirtualKeyCode": 27})
-    wait_until_idle(server)
+    server.wait_until_idle(timeout=120)
     frame(browser, "ControlNeXtLoader", "ControlNeXtApply", "ControlNeXtCanny")
     browser.screenshot(os.path.join(ARTIFACTS, "frontend_wrong_family.png"))

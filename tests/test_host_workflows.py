@@ -275,16 +275,6 @@ def wait_for_line(process: subprocess.Popen, text: str, timeout: float = 60) -> 
     raise AssertionError(f"no line with {text!r} in:\n{''.join(lines)}")
 
 
-def wait_until_idle(server, timeout: float = 60) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        queue_state = server.get("/queue")
-        if not queue_state["queue_running"] and not queue_state["queue_pending"]:
-            return
-        time.sleep(0.2)
-    raise AssertionError("the server did not become idle")
-
-
 def test_an_interrupted_prompt_says_so(server, images, tmp_path):
     name = "controlnext_sd15_depth"
     process = start_queue(runnable_copy(name, tmp_path), "--server", server.url, "--out", str(tmp_path),
@@ -297,7 +287,7 @@ def test_an_interrupted_prompt_says_so(server, images, tmp_path):
         process.kill()
     assert process.returncode == 8, stderr
     assert "interrupted" in stderr and "'KSampler'" in stderr
-    wait_until_idle(server)
+    server.wait_until_idle()
 
 
 class DroppingProxy:
@@ -354,7 +344,7 @@ def test_a_dropped_connection_is_reported(server, images, tmp_path):
         server.post("/interrupt", {})
     assert process.returncode == 9, stderr
     assert "lost the connection" in stderr
-    wait_until_idle(server)
+    server.wait_until_idle()
 
 
 def test_an_unreachable_server_and_a_bad_argument_have_their_own_codes(tmp_path):

@@ -13,7 +13,6 @@ with weights from ``builders.random_tensor``.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 import sys
 import tempfile
@@ -54,12 +53,9 @@ def setup(device: str):
 
     if TESTS not in sys.path:
         sys.path.insert(1, TESTS)  # tiny_unet, builders (after ComfyUI: never shadows its modules)
-    if PACK_NAME not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK_NAME, os.path.join(ROOT, "__init__.py"),
-                                                      submodule_search_locations=[ROOT])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[PACK_NAME] = module
-        spec.loader.exec_module(module)
+    from pack_import import import_pack
+
+    import_pack(PACK_NAME, ROOT)
     return path
 
 

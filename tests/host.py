@@ -4,9 +4,8 @@ module when no ComfyUI host was found (see conftest.py).
 """
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import os
-import sys
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ import comfy.sample  # noqa: E402
 import safetensors.torch  # noqa: E402
 
 from builders import random_encoder_state_dict  # noqa: E402
+from pack_import import import_pack  # noqa: E402
 from tiny_unet import UNET_CONFIGS, conditioning, real_size_model_on_meta, tiny_model  # noqa: E402,F401
 
 PACK_NAME = "comfyui_controlnext_under_test"
@@ -27,13 +27,7 @@ PACK_NAME = "comfyui_controlnext_under_test"
 
 def load_pack():
     """Import the checkout as a package, the way ComfyUI imports a custom node folder."""
-    if PACK_NAME not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK_NAME, os.path.join(PACK_ROOT, "__init__.py"),
-                                                      submodule_search_locations=[PACK_ROOT])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[PACK_NAME] = module
-        spec.loader.exec_module(module)
-    return sys.modules[PACK_NAME]
+    return import_pack(PACK_NAME, PACK_ROOT)
 
 
 pack = load_pack()

@@ -1,6 +1,12 @@
 """Tables, targets and the chart of benchmarks/run.py (from its summary dict)."""
 from __future__ import annotations
 
+try:
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import PercentFormatter
+except ImportError as error:
+    raise ImportError("the benchmark chart needs matplotlib: pip install -r benchmarks/requirements.txt") from error
+
 NAMES = {"sd15": "SD1.5", "sdxl": "SDXL", "svd": "SVD-XT"}
 
 
@@ -174,86 +180,72 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def chart(summary: dict, path: str) -> str:
-    """A PNG: time overhead per family (ControlNeXt, refresh mode, ControlNet, FLOP floors) and extra peak
-    memory. matplotlib when installed, else a plain PIL drawing of the same bars."""
+def figure(summary: dict) -> Figure:
+    """The chart as a matplotlib Figure: per-step time overhead (measured and FLOP floors) and extra peak
+    memory, each over the bare UNet, one legend below both panels. A bare Figure renders with Agg and never
+    touches pyplot, so it draws headless and leaves the caller's backend alone."""
     families = summary["families"]
+    first = next(iter(families.values()))
     labels = [f"{NAMES[k]}\n{_size(f)}" for k, f in families.items()]
-    series = {
-        "ControlNeXt (this pack)": [f["overhead"]["controlnext"] for f in families.values()],
-        "ControlNeXt, in-call": [f.get("overhead_in_call", {}).get("controlnext") for f in families.values()],
-        f"ControlNeXt, refresh every {summary['refresh_k']}": [
-            f["overhead"][_refresh_name(f)] if _refresh_name(f) else None for f in families.values()],
-        "ComfyUI ControlNet": [f["overhead"].get("controlnet") for f in families.values()],
-        "ControlNeXt FLOP floor": [f["flops"]["benchmark"]["floor"] for f in families.values()],
-        "ControlNet FLOPs": [f["flops"]["benchmark"].get("controlnet_ratio") for f in families.values()],
+
+    def column(value) -> list[float | None]:
+        return [value(family) for family in families.values()]
+
+    blue, red = "tab:blue", "tab:red"
+    time_series = {
+        "ControlNeXt (this pack)": (blue, column(lambda f: f["overhead"]["controlnext"])),
+        "ControlNeXt, in-call": ("lightskyblue", column(lambda f: f.get("overhead_in_call", {}).get("controlnext"))),
+        f"ControlNeXt, refresh every {summary['refresh_k']} steps": (
+            "tab:green", column(lambda f: f["overhead"][_refresh_name(f)] if _refresh_name(f) else None)),
+        "ControlNeXt FLOP floor": (blue, column(lambda f: f["flops"]["benchmark"]["floor"])),
+        "ComfyUI ControlNet": (red, column(lambda f: f["overhead"].get("controlnet"))),
+        "ComfyUI ControlNet FLOPs": (red, column(lambda f: f["flops"]["benchmark"].get("controlnet_ratio"))),
     }
-    memory = {"ControlNeXt": [f["memory"]["extra_fraction"]["controlnext"] for f in families.values()],
-              "ComfyUI ControlNet": [f["memory"]["extra_fraction"].get("controlnet") for f in families.values()]}
-    title = (f"Per-step denoiser overhead over the bare UNet ({summary['date'][:10]}, "
-             f"{next(iter(families.values()))['device_name']})")
-    try:
-        import matplotlib
+    memory_series = {
+        "ControlNeXt (this pack)": (blue, column(lambda f: f["memory"]["extra_fraction"]["controlnext"])),
+        "ComfyUI ControlNet": (red, column(lambda f: f["memory"]["extra_fraction"].get("controlnet"))),
+    }
+    chart_figure = Figure(figsize=(13, 5.6), layout="constrained")
+    time_axis, memory_axis = chart_figure.subplots(1, 2, width_ratios=[3, 2])
+    _bars(time_axis, labels, time_series)
+    time_axis.set_title("Time per denoising step (CFG), over the bare UNet", fontsize=10)
+    time_axis.set_ylabel("overhead (% of the bare UNet's time; hatched: of its FLOPs)", fontsize=8)
+    _bars(memory_axis, labels, memory_series)
+    memory_axis.set_title("Extra peak memory at inference, over the bare UNet", fontsize=10)
+    memory_axis.set_ylabel("extra peak memory (% of the bare UNet's; weights + activations)", fontsize=8)
+    for axis in (time_axis, memory_axis):
+        axis.set_xlabel("model, image size (px)", fontsize=8)
+    quick = ", quick smoke run on shallow test models" if summary["quick"] else ""
+    chart_figure.suptitle(f"ControlNeXt vs ComfyUI ControlNet: {summary['date'][:10]}, {first['device_name']}, "
+                          f"{first.get('dtype', '?')}{quick}", fontsize=11)
+    handles = {label: handle for axis in (time_axis, memory_axis)
+               for handle, label in zip(*axis.get_legend_handles_labels())}
+    chart_figure.legend(handles.values(), handles.keys(), loc="outside lower center", ncol=3, fontsize=8, frameon=False)
+    return chart_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return _chart_pil(labels, series, memory, title, path)
-    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
-    _bars(left, labels, series, "time or FLOPs over the bare UNet (%)")
-    _bars(right, labels, memory, "extra peak memory over the bare UNet (%)")
-    left.set_title(title, fontsize=9)
-    right.set_title("Peak memory at inference (weights + activations)", fontsize=9)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+
+def chart(summary: dict, path: str) -> str:
+    """Writes figure(summary) as a PNG at ``path`` and returns the path."""
+    figure(summary).savefig(path, dpi=110)
     return path
 
 
-def _bars(axis, labels, series, ylabel) -> None:
-    import numpy as np
-
-    positions = np.arange(len(labels))
+def _bars(axis, labels: list[str], series: dict[str, tuple[str, list[float | None]]]) -> None:
+    """Grouped bars in percent, one group per model, from name -> (colour, values); "FLOP" series are hatched.
+    A missing value draws no bar (a series with none, no legend entry); negative values go below the zero
+    line; each bar is labelled at its end."""
+    series = {name: entry for name, entry in series.items() if any(v is not None for v in entry[1])}
     width = 0.8 / len(series)
-    hatches = {"FLOP floor": "//", "FLOPs": "//"}
-    for index, (name, values) in enumerate(series.items()):
-        heights = [100 * v if v is not None else 0 for v in values]
-        hatch = next((h for key, h in hatches.items() if key in name), None)
-        bars = axis.bar(positions + (index - (len(series) - 1) / 2) * width, heights, width, label=name,
-                        hatch=hatch, alpha=0.55 if hatch else 1.0)
-        for bar, value in zip(bars, values):
-            if value is not None:
-                axis.annotate(f"{100 * value:.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                              ha="center", va="bottom", fontsize=6)
-    axis.set_xticks(positions, labels, fontsize=8)
-    axis.set_ylabel(ylabel, fontsize=8)
-    axis.legend(fontsize=7)
+    for index, (name, (colour, values)) in enumerate(series.items()):
+        present = [(group, value) for group, value in enumerate(values) if value is not None]
+        offset = (index - (len(series) - 1) / 2) * width
+        flops = "FLOP" in name
+        bars = axis.bar([group + offset for group, _ in present], [100 * value for _, value in present], width,
+                        label=name, color="white" if flops else colour, edgecolor=colour, hatch="////" if flops else None)
+        axis.bar_label(bars, labels=[f"{100 * value:.1f}" for _, value in present], padding=1, fontsize=6)
+    axis.axhline(0, color="black", linewidth=0.8)
+    axis.set_xticks(range(len(labels)), labels, fontsize=8)
+    axis.set_xlim(-0.5, len(labels) - 0.5)
+    axis.yaxis.set_major_formatter(PercentFormatter(decimals=0))
+    axis.margins(y=0.12)
     axis.grid(axis="y", alpha=0.3)
-
-
-def _chart_pil(labels, series, memory, title, path) -> str:
-    from PIL import Image, ImageDraw
-
-    colours = [(31, 119, 180), (23, 190, 207), (44, 160, 44), (214, 39, 40), (174, 199, 232), (255, 152, 150)]
-    image = Image.new("RGB", (1300, 520), "white")
-    draw = ImageDraw.Draw(image)
-    draw.text((20, 10), title, fill="black")
-    for data, left, right in ((series, 60, 760), (memory, 820, 1280)):
-        peak = max([v for values in data.values() for v in values if v is not None] + [0.01])
-        bottom, top = 460, 60
-        draw.line((left, bottom, right, bottom), fill="black")
-        group = (right - left) / len(labels)
-        width = group * 0.8 / len(data)
-        for g, label in enumerate(labels):
-            draw.text((left + g * group + 5, bottom + 8), label.replace("\n", " "), fill="black")
-            for s, (name, values) in enumerate(data.items()):
-                if values[g] is None:
-                    continue
-                x0 = left + g * group + group * 0.1 + s * width
-                y0 = bottom - (bottom - top) * values[g] / peak
-                draw.rectangle((x0, y0, x0 + width - 2, bottom), fill=colours[s % len(colours)])
-                draw.text((x0, y0 - 12), f"{100 * values[g]:.1f}", fill="black")
-        for s, name in enumerate(data):
-            draw.text((left + 10 + 150 * s, top - 30), name, fill=colours[s % len(colours)])
-    image.save(path)
-    return path

@@ -1,4 +1,5 @@
-"""Cross normalisation: the one place the ControlNeXt injection formula lives (spec §2).
+"""Cross normalisation: the one place the ControlNeXt injection formula lives (README, "Where the
+control goes").
 
 The formula ``c' = (c - mu_c) * sd_h / (sd_c + eps) + mu_h`` splits into a part that depends
 only on the control, ``u = (c - mu_c) / (sd_c + eps)``, and a per-sample affine map from the
@@ -14,19 +15,30 @@ from torch.nn import functional as F
 
 from .families import InjectionRule
 
-# A control whose spread is below this fraction of its magnitude is flat: its "variation" is
-# rounding noise, which the official formula would blow up by 1/eps (values around 1e4).
-FLAT_RELATIVE_STD = 1e-4
+# A control is flat when its spread is at the level of rounding: at most this many units of
+# rounding (the machine epsilon of the dtype it was computed in) of its largest magnitude. Its
+# "variation" is then rounding noise, which the official formula would blow up by 1/eps (values
+# around 1e4). Any larger spread is signal, however faint, and is scaled up as the official
+# formula does.
+FLAT_ROUNDING_UNITS = 4
 
 
 def pool_to(x: torch.Tensor, size: torch.Size | tuple[int, int]) -> torch.Tensor:
     return x if tuple(x.shape[-2:]) == tuple(size) else F.adaptive_avg_pool2d(x, tuple(size))
 
 
+def _statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample mean and unbiased std, each by its own reduction as the official code takes them
+    (``torch.std_mean``'s mean can be one rounding away, which a faint control amplifies)."""
+    return x.mean(dim=(1, 2, 3), keepdim=True), x.std(dim=(1, 2, 3), keepdim=True)
+
+
 def _unit(control: torch.Tensor, eps: float) -> torch.Tensor:
+    rounding = torch.finfo(control.dtype).eps if control.is_floating_point() else torch.finfo(torch.float32).eps
     c = control.float()
-    std, mean = torch.std_mean(c, dim=(1, 2, 3), keepdim=True)  # unbiased, as torch.std
-    flat = std <= FLAT_RELATIVE_STD * c.abs().mean(dim=(1, 2, 3), keepdim=True)
+    mean, std = _statistics(c)
+    magnitude = c.abs().amax(dim=(1, 2, 3), keepdim=True)
+    flat = std <= FLAT_ROUNDING_UNITS * rounding * magnitude
     return torch.where(flat, torch.zeros_like(c), c - mean) / (std + eps)
 
 
@@ -53,7 +65,7 @@ def add_unit_control(
         return hidden
     if unit.shape[0] not in (1, hidden.shape[0]):
         raise ValueError(f"control batch {unit.shape[0]} does not match hidden batch {hidden.shape[0]}")
-    std_h, mean_h = torch.std_mean(hidden.float(), dim=(1, 2, 3), keepdim=True)
+    mean_h, std_h = _statistics(hidden.float())
     if torch.is_tensor(strength):
         gain = strength.to(device=std_h.device, dtype=torch.float32).reshape(-1, 1, 1, 1) * rule.factor
     else:

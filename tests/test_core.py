@@ -14,7 +14,7 @@ from torch.nn import functional as F
 import controlnext_core as cn
 from builders import OFFICIAL_KEYS, random_encoder_state_dict
 
-SPEC_ROWS = {  # (family, layout): (pool first, eps, k), transcribed from spec §2
+SPEC_ROWS = {  # (family, layout): (pool first, eps, k), as the README's injection table gives them
     ("sd15", "mid"): (True, 1e-12, 1.0),
     ("sd15", "base"): (True, 1e-12, 1.0),
     ("sdxl", "base"): (False, 1e-12, 1.0),
@@ -24,7 +24,7 @@ SPEC_ROWS = {  # (family, layout): (pool first, eps, k), transcribed from spec �
 
 
 def official_formula(h, c, pool_first, eps, k, scale):
-    """Spec §2 transcribed literally (fp64, torch.std unbiased)."""
+    """The official cross normalisation transcribed literally (fp64, torch.std unbiased)."""
     h, c = h.double(), c.double()
     if pool_first:
         c = F.adaptive_avg_pool2d(c, h.shape[-2:])
@@ -268,6 +268,57 @@ def test_flat_control_gives_a_bounded_change(family):
     # while the official formula, on the same input, adds rounding noise divided by eps
     official = official_formula(hidden, control.float(), family == "sd15", 1e-12, 1.0, 1.0)
     assert torch.isfinite(official).all()
+
+
+def official_code_fp32(h, c, pool_first, eps, k, scale):
+    """The official code's own operations in fp32: torch.mean and torch.std taken separately."""
+    if pool_first:
+        c = F.adaptive_avg_pool2d(c, h.shape[-2:])
+    mean_h, std_h = torch.mean(h, dim=(1, 2, 3), keepdim=True), torch.std(h, dim=(1, 2, 3), keepdim=True)
+    mean_c, std_c = torch.mean(c, dim=(1, 2, 3), keepdim=True), torch.std(c, dim=(1, 2, 3), keepdim=True)
+    c = (c - mean_c) * (std_h / (std_c + eps)) + mean_h
+    if not pool_first:
+        c = F.adaptive_avg_pool2d(c, h.shape[-2:])
+    return h + c * scale * k
+
+
+def faint_control(spread: float, hidden_size: tuple[int, int], factor: int = 4, seed: int = 5) -> torch.Tensor:
+    """An encoder output around 2.5 with a relative spread ``spread``, constant over each pooling
+    window (so pooling keeps its spread)."""
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(2, 8, *hidden_size, generator=generator)
+    return (2.5 * (1 + spread * coarse)).repeat_interleave(factor, -2).repeat_interleave(factor, -1)
+
+
+@pytest.mark.parametrize("family,layout", list(SPEC_ROWS))
+@pytest.mark.parametrize("spread", [1e-2, 1e-3, 1e-4, 1e-5, 3e-6, 1e-6])
+def test_faint_controls_follow_the_official_code(family, layout, spread):
+    pool_first, eps, k = SPEC_ROWS[(family, layout)]
+    hidden = torch.randn(2, 8, 6, 10, generator=torch.Generator().manual_seed(2)) * 3 + 1
+    control = faint_control(spread, (6, 10))
+    out = cn.inject(hidden, control, family, 0.7, layout=layout)
+    expected = official_code_fp32(hidden, control, pool_first, eps, k, 0.7)
+    scale = hidden.std() * k  # the size of the added term
+    assert (out - expected).abs().max() <= 2e-5 * scale
+    # a faint control is still a control: scaled up to the hidden state's spread (SVD's eps 1e-5
+    # damps spreads near it, in the official formula too)
+    std_c = control.std(dim=(1, 2, 3))
+    assert (out - hidden - hidden.mean(dim=(1, 2, 3), keepdim=True) * 0.7 * k).std() > \
+        0.3 * scale * (std_c / (std_c + eps)).min()
+
+
+@pytest.mark.parametrize("family,layout", list(SPEC_ROWS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_spread_at_the_level_of_rounding_is_flat(family, layout, dtype):
+    """Below a few units of rounding of the control's own dtype, its spread is noise: only the
+    normalised mean is added (the official formula would add that noise, scaled to unit spread)."""
+    k = SPEC_ROWS[(family, layout)][2]
+    hidden = torch.randn(2, 8, 6, 10, generator=torch.Generator().manual_seed(2)) * 3 + 1
+    ulp = torch.finfo(dtype).eps * 2.5
+    control = (faint_control(0.0, (6, 10)) + ulp * torch.randint(-1, 2, (2, 8, 24, 40))).to(dtype)
+    out = cn.inject(hidden, control, family, 1.0, layout=layout)
+    mean_h = hidden.mean(dim=(1, 2, 3), keepdim=True)
+    assert torch.allclose(out - hidden, (mean_h * k).expand_as(hidden), atol=1e-5)
 
 
 def test_fp16_hidden_keeps_its_dtype_and_uses_fp32_statistics():

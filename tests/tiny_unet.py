@@ -96,3 +96,7 @@ SVD_CONFIG = dict(_COMMON, in_channels=8, channel_mult=[1, 2], transformer_depth
                   video_kernel_size=[3, 1, 1], disable_temporal_crossattention=False, max_ddpm_temb_period=10000)
 UNET_CONFIGS["svd"] = SVD_CONFIG
 MODEL_CONFIG_CLASSES["svd"] = comfy.supported_models.SVD_img2vid
+# SVD v1 encoders inject before the middle block, where SVD-XT has 1280 channels: the same shallow
+# SVD UNet with its last level as wide.
+UNET_CONFIGS["svd_1280"] = dict(SVD_CONFIG, channel_mult=[1, 4])
+MODEL_CONFIG_CLASSES["svd_1280"] = comfy.supported_models.SVD_img2vid

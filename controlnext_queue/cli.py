@@ -1,4 +1,4 @@
-"""queue WORKFLOW.json --server URL [--set NODE.input=value ...] [--image NODE=path ...] --out DIR
+"""queue WORKFLOW.json --server URL [--set NODE.input=value ...] [--image NODE=path ...] --out DIR [--previews]
 
 Queues a ComfyUI workflow headless, shows progress, and downloads what it saved. The exit code
 says what happened (see ``Exit``), so scripts can react without parsing text.
@@ -21,6 +21,7 @@ from .workflow import (check_model_files, check_node_types, describe, image_node
 
 HISTORY_POLL_SECONDS = 0.5
 IDLE_CHECK_SECONDS = 5.0
+PREVIEW_FOLDER = "previews"  # under --out, for --previews
 
 
 def parse_args(argv):
@@ -40,6 +41,10 @@ def parse_args(argv):
     parser.add_argument("--image", dest="images", action="append", default=[], metavar="NODE=path",
                         help="upload a local image and use it in that Load Image node. Repeatable")
     parser.add_argument("--out", help="folder for the downloaded outputs (created if missing)")
+    parser.add_argument("--previews", action="store_true",
+                        help=f"also download the preview images (what the editor shows on nodes such as Preview Image "
+                             f"and Apply ControlNeXt) into OUT/{PREVIEW_FOLDER}/; without it they stay in the server's "
+                             f"temp folder, which ComfyUI empties when it restarts")
     parser.add_argument("--save-api", metavar="FILE",
                         help="write the API-format workflow (after --set/--image) to FILE and exit without queueing")
     parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
@@ -94,8 +99,8 @@ def run(args) -> int:
     websocket = connect_websocket(client)
     prompt_id = submit(client, prompt, object_info)
     print(f"queued prompt {prompt_id} ({len(prompt)} nodes) on {client.server}", file=sys.stderr)
-    entry = wait(client, websocket, prompt_id, prompt, args.timeout)
-    return finish(client, entry, prompt_id, prompt, object_info, args.out)
+    entry = wait(client, websocket, prompt_id, prompt, object_info, args.timeout)
+    return finish(client, entry, prompt_id, prompt, object_info, args.out, args.previews)
 
 
 def connect_websocket(client: ComfyClient) -> WebSocket | None:
@@ -141,14 +146,14 @@ def refusal(status: int, answer: dict, prompt: dict, object_info: dict) -> Queue
                       + "\n  ".join(missing))
 
 
-def wait(client: ComfyClient, websocket: WebSocket | None, prompt_id: str, prompt: dict,
+def wait(client: ComfyClient, websocket: WebSocket | None, prompt_id: str, prompt: dict, object_info: dict,
          timeout: float | None) -> dict:
     """Follows the prompt until the server has its history entry; returns that entry.
 
     The websocket drives the progress bars and says when to look; the verdict always comes
     from /history, which also covers a websocket that dropped while the server stayed up.
     """
-    display = ProgressDisplay(prompt)
+    display = ProgressDisplay(prompt, object_info)
     deadline = None if timeout is None else time.monotonic() + timeout
     last_check = time.monotonic()
     try:
@@ -180,6 +185,7 @@ def wait(client: ComfyClient, websocket: WebSocket | None, prompt_id: str, promp
                 last_check = time.monotonic()
                 entry = client.history(prompt_id)
                 if finished(entry):
+                    read_to_end(websocket, display, prompt_id)
                     return entry
     finally:
         display.close()
@@ -204,6 +210,19 @@ def show(display: ProgressDisplay, event: dict, prompt_id: str) -> bool:
     return kind in ("execution_success", "execution_error", "execution_interrupted")
 
 
+def read_to_end(websocket: WebSocket, display: ProgressDisplay, prompt_id: str) -> None:
+    """Shows the prompt's messages that are still to be read once /history has its entry, up to
+    the prompt's end: the client may be behind the server, and the server writes the entry before
+    it sends the closing ``executing``. Stops early if the socket stays quiet for its timeout."""
+    while True:
+        try:
+            message = websocket.receive()
+        except (socket.timeout, TimeoutError, ConnectionClosed, OSError):
+            return
+        if isinstance(message, str) and show(display, json.loads(message), prompt_id):
+            return
+
+
 def finished(entry: dict | None) -> bool:
     return bool(entry) and entry.get("status", {}).get("completed") is not None
 
@@ -220,7 +239,8 @@ def settled_history(client: ComfyClient, prompt_id: str, grace: float = 5.0) -> 
         time.sleep(0.1)
 
 
-def finish(client: ComfyClient, entry: dict, prompt_id: str, prompt: dict, object_info: dict, out: str) -> int:
+def finish(client: ComfyClient, entry: dict, prompt_id: str, prompt: dict, object_info: dict, out: str,
+           download_previews: bool) -> int:
     status = entry.get("status", {})
     messages = {kind: data for kind, data in status.get("messages", [])}
     if "execution_interrupted" in messages:
@@ -236,19 +256,30 @@ def finish(client: ComfyClient, entry: dict, prompt_id: str, prompt: dict, objec
         message = (data.get("exception_message") or "").strip() or data.get("exception_type") or "no message"
         raise QueueError(Exit.EXECUTION_ERROR, f"{describe(node_id, node, object_info)} failed: {message}")
     os.makedirs(out, exist_ok=True)
-    saved, previews = [], 0
-    for output in entry.get("outputs", {}).values():
+    results, previews = [], {}
+    for node_id, output in entry.get("outputs", {}).items():
         for files in output.values():
             for file in files if isinstance(files, list) else []:
                 if not isinstance(file, dict) or "filename" not in file:
                     continue
-                if file.get("type", "output") != "output":
-                    previews += 1  # previews live in temp/ and are not results
-                    continue
-                saved.append(client.download(file, out))
+                if file.get("type", "output") == "output":
+                    results.append(file)
+                else:  # a preview: what the editor shows on the node, in the server's temp folder
+                    previews.setdefault(node_id, []).append(file)
+    saved = [client.download(file, out) for file in results]
+    preview_folder = os.path.join(out, PREVIEW_FOLDER)
+    preview_count = sum(len(files) for files in previews.values())
+    if download_previews:
+        saved += [client.download(file, preview_folder) for files in previews.values() for file in files]
     for path in saved:
         print(path)
-    note = f"; {previews} preview image(s) not downloaded" if previews else ""
-    print(f"done: {len(saved)} file(s) in {out}{note}" if saved else f"done, but the workflow saved no files{note}",
-          file=sys.stderr)
+    summary = f"done: {len(results)} file(s) in {out}" if results else "done, but the workflow saved no files"
+    if previews and download_previews:
+        summary += f"; {preview_count} preview image(s) in {preview_folder}"
+    elif previews:
+        sources = ", ".join(describe(node_id, prompt.get(node_id, {}), object_info) for node_id in previews)
+        summary += (f"\nnot downloaded: {preview_count} preview image(s) from {sources}. Previews are what the "
+                    f"editor shows on a node; the server keeps them in its temp folder until it restarts. "
+                    f"--previews downloads them into {preview_folder}")
+    print(summary, file=sys.stderr)
     return Exit.OK

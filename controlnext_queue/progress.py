@@ -3,19 +3,27 @@ from __future__ import annotations
 
 import sys
 
+from .workflow import nodes_to_run
+
 BAR_WIDTH = 24
 
 
 class ProgressDisplay:
     """Redraws the current node's bar in place on a terminal; on a pipe or file, writes a line
-    when a node starts, at its first step and at each quarter of its bar, so logs stay short."""
+    when a node starts, at its first step and at each quarter of its bar, so logs stay short.
 
-    def __init__(self, prompt: dict, stream=None):
+    The counter ``[done/total]`` counts the nodes of this run (``workflow.nodes_to_run``); those
+    the server serves from its cache count as done when ``execution_cached`` lists them, since
+    they never get an ``executing`` message, so the last node to run shows ``[total/total]``."""
+
+    def __init__(self, prompt: dict, object_info: dict, stream=None):
         self.prompt = prompt
+        self.object_info = object_info
         self.stream = stream or sys.stderr
         self.interactive = self.stream.isatty()
         self.current: str | None = None
-        self.done: list[str] = []
+        self.to_run = nodes_to_run(prompt, object_info)
+        self.done: set[str] = set()
         self._open_line = False
         self._last_quarter = -1
 
@@ -23,9 +31,16 @@ class ProgressDisplay:
         node = self.prompt.get(node_id, {})
         return f"{node.get('_meta', {}).get('title') or node.get('class_type', '?')} ({node_id})"
 
+    def counter(self) -> str:
+        return f"[{len(self.done)}/{len(self.to_run)}]"
+
     def cached(self, node_ids: list[str]) -> None:
-        if node_ids:
-            self._line(f"cached: {', '.join(self.name(n) for n in node_ids)}")
+        """The server's cache serves these; the run then needs none of their own inputs."""
+        self.to_run = nodes_to_run(self.prompt, self.object_info, frozenset(node_ids))
+        served = [node_id for node_id in node_ids if node_id in self.to_run]
+        self.done.update(served)
+        if served:
+            self._line(f"{self.counter()} cached: {', '.join(self.name(n) for n in served)}")
 
     def executing(self, node_id: str | None) -> None:
         if node_id == self.current:
@@ -34,8 +49,9 @@ class ProgressDisplay:
         self.current = node_id
         self._last_quarter = -1
         if node_id is not None:
-            self.done.append(node_id)
-            self._line(f"[{len(self.done)}/{len(self.prompt)}] {self.name(node_id)}")
+            self.to_run.add(node_id)  # a node behind a lazy input, asked for while running
+            self.done.add(node_id)
+            self._line(f"{self.counter()} {self.name(node_id)}")
 
     def progress(self, node_id: str | None, value: int, maximum: int) -> None:
         if node_id is not None and node_id != self.current:

@@ -27,6 +27,9 @@ class WebSocket:
     def __init__(self, sock: socket.socket, pending: bytes = b""):
         self.sock = sock
         self._buffer = bytearray(pending)
+        # a fragmented message being reassembled: kept across receive() calls that time out
+        self._message_opcode: int | None = None
+        self._message = bytearray()
 
     @classmethod
     def connect(cls, url: str, timeout: float = 10.0) -> "WebSocket":
@@ -75,25 +78,30 @@ class WebSocket:
         """The next whole message: str for text, bytes for binary. Answers pings itself.
 
         Raises ConnectionClosed when the server closes or the connection drops, and
-        socket.timeout (TimeoutError) when nothing arrives within the socket's timeout.
+        socket.timeout (TimeoutError) when nothing arrives within the socket's timeout; a frame or
+        message cut by a timeout stays buffered, and the next call goes on from where it was.
         """
-        opcode, message = None, bytearray()
         while True:
-            fin, frame_opcode, payload = self._read_frame()
-            if frame_opcode == PING:
-                self._send_frame(PONG, payload)
-            elif frame_opcode == PONG:
+            frame = self._take_frame()
+            if frame is None:
+                self._receive_more()
                 continue
-            elif frame_opcode == CLOSE:
+            fin, opcode, payload = frame
+            if opcode == PING:
+                self._send_frame(PONG, payload)
+            elif opcode == PONG:
+                continue
+            elif opcode == CLOSE:
                 code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None
                 self.close()
                 raise ConnectionClosed(f"the server closed the websocket (code {code})")
             else:
-                if frame_opcode != CONTINUATION:
-                    opcode, message = frame_opcode, bytearray()
-                message += payload
+                if opcode != CONTINUATION:
+                    self._message_opcode, self._message = opcode, bytearray()
+                self._message += payload
                 if fin:
-                    return message.decode() if opcode == TEXT else bytes(message)
+                    message, self._message = self._message, bytearray()
+                    return message.decode() if self._message_opcode == TEXT else bytes(message)
 
     def close(self) -> None:
         try:
@@ -115,28 +123,38 @@ class WebSocket:
         masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
         self.sock.sendall(bytes(header) + mask + masked)
 
-    def _read_frame(self) -> tuple[bool, int, bytes]:
-        first, second = self._read_exact(2)
-        length = second & 0x7F
+    def _take_frame(self) -> tuple[bool, int, bytes] | None:
+        """(fin, opcode, payload) of the first frame in the buffer, removed from it; None while
+        the frame has not fully arrived (then nothing is removed)."""
+        buffer = self._buffer
+        if len(buffer) < 2:
+            return None
+        first, second = buffer[0], buffer[1]
+        length, start = second & 0x7F, 2
         if length == 126:
-            length = struct.unpack("!H", self._read_exact(2))[0]
+            if len(buffer) < 4:
+                return None
+            length, start = struct.unpack_from("!H", buffer, 2)[0], 4
         elif length == 127:
-            length = struct.unpack("!Q", self._read_exact(8))[0]
-        mask = self._read_exact(4) if second & 0x80 else None
-        payload = self._read_exact(length)
+            if len(buffer) < 10:
+                return None
+            length, start = struct.unpack_from("!Q", buffer, 2)[0], 10
+        mask_length = 4 if second & 0x80 else 0
+        end = start + mask_length + length
+        if len(buffer) < end:
+            return None
+        mask = bytes(buffer[start:start + mask_length])
+        payload = bytes(buffer[start + mask_length:end])
+        del buffer[:end]
         if mask:
             payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
         return bool(first & 0x80), first & 0x0F, payload
 
-    def _read_exact(self, count: int) -> bytes:
-        while len(self._buffer) < count:
-            try:
-                chunk = self.sock.recv(max(65536, count - len(self._buffer)))
-            except (ConnectionResetError, BrokenPipeError) as error:
-                raise ConnectionClosed(f"the connection dropped ({error})") from None
-            if not chunk:
-                raise ConnectionClosed("the connection dropped (the server went away)")
-            self._buffer += chunk
-        data = bytes(self._buffer[:count])
-        del self._buffer[:count]
-        return data
+    def _receive_more(self) -> None:
+        try:
+            chunk = self.sock.recv(65536)
+        except (ConnectionResetError, BrokenPipeError) as error:
+            raise ConnectionClosed(f"the connection dropped ({error})") from None
+        if not chunk:
+            raise ConnectionClosed("the connection dropped (the server went away)")
+        self._buffer += chunk

@@ -204,6 +204,31 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
     return prompt
 
 
+def is_link(value, prompt: dict) -> bool:
+    """An input that takes another node's output: [node id, output slot]."""
+    return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and value[0] in prompt
+
+
+def nodes_to_run(prompt: dict, object_info: dict, cached: frozenset[str] = frozenset()) -> set[str]:
+    """The nodes a run of ``prompt`` goes through, gathered as ComfyUI's ExecutionList does: the
+    output nodes, then the nodes their inputs link to, except through lazy inputs (such a node runs
+    only if asked for) and not beyond a cached node (it is in the set, its inputs are not needed).
+    The server reports each of them, by ``executing`` or in ``execution_cached``."""
+    outputs = [node_id for node_id, node in prompt.items()
+               if object_info.get(node.get("class_type"), {}).get("output_node")]
+    found, pending = set(outputs), list(outputs)
+    while pending:
+        node_id = pending.pop()
+        specs = input_specs(object_info.get(prompt[node_id].get("class_type"), {}))
+        for name, value in prompt[node_id].get("inputs", {}).items():
+            if not is_link(value, prompt) or value[0] in found or input_options(specs.get(name, [None])).get("lazy"):
+                continue
+            found.add(value[0])
+            if value[0] not in cached:
+                pending.append(value[0])
+    return found
+
+
 def find_node(prompt: dict, reference: str, object_info: dict) -> str:
     """A node by id, else by title, else by type when only one node has it."""
     if reference in prompt:
@@ -270,7 +295,7 @@ def set_input(prompt: dict, reference: str, name: str, text: str, object_info: d
         raise QueueError(Exit.USAGE, f"{describe(node_id, node, object_info)} has no input '{name}' "
                                      f"(it has: {', '.join(specs or node['inputs'])}).")
     current = node["inputs"].get(name)
-    if isinstance(current, list) and len(current) == 2 and isinstance(current[0], str) and current[0] in prompt:
+    if is_link(current, prompt):
         raise QueueError(Exit.USAGE, f"{describe(node_id, node, object_info)}: input '{name}' is connected to node "
                                      f"{current[0]}; --set changes values, not connections.")
     node["inputs"][name] = parse_value(text, specs.get(name))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -133,6 +134,11 @@ def image_args(name: str, images: dict[str, str]) -> list[str]:
     return [arg for title in WORKFLOW_IMAGES[name] for arg in ("--image", f"{title}={images[title]}")]
 
 
+def node_counters(stderr: str) -> list[tuple[int, int]]:
+    """The ``[done/total]`` of each per-node progress line."""
+    return [(int(done), int(total)) for done, total in re.findall(r"^\[(\d+)/(\d+)\] ", stderr, re.M)]
+
+
 def test_every_workflow_has_both_formats_and_a_test_entry():
     ui = {os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(WORKFLOWS, "*.json"))}
     api = {os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(API_WORKFLOWS, "*.json"))}
@@ -218,9 +224,35 @@ def test_api_workflow_runs_from_the_shell(server, name, images, tmp_path):
     for title in WORKFLOW_IMAGES[name]:
         assert f"'{title}'" in result.stderr and "uploaded" in result.stderr
     assert sampler in result.stderr and "2/2" in result.stderr  # the per-node progress bar
+    done, total = node_counters(result.stderr)[-1]
+    assert done == total, result.stderr  # cached nodes (from earlier runs) count
     prefix = read_json(os.path.join(API_WORKFLOWS, f"{name}.json"))
     prefix = next(n["inputs"]["filename_prefix"] for n in prefix.values() if n["class_type"] in SAVE_NODES)
     assert os.path.relpath(saved[0], out).startswith(os.path.dirname(prefix))  # kept the server's subfolder
+
+
+def test_a_rerun_counts_its_cached_nodes_and_downloads_previews_on_request(server, images, tmp_path):
+    """Both runs execute Apply ControlNeXt (a strength no other test uses), whose control image
+    preview is in the history only when it runs (ComfyUI v0.33 leaves cached nodes' out); the
+    second one finds the loaders, prompts and canny image in the server's cache."""
+    name = "controlnext_sdxl_canny"
+    path = runnable_copy(name, tmp_path)
+    runs = [queue(path, "--server", server.url, "--out", str(tmp_path / f"out{index}"), *image_args(name, images),
+                  *SMALL, *settings(f"KSampler.seed={11 + index}", f"Apply ControlNeXt.strength={strength}"), *extra)
+            for index, (strength, extra) in enumerate(((0.31, ()), (0.32, ("--previews",))))]
+    for result in runs:
+        assert result.returncode == 0, result.stderr + server.log()[-2000:]
+        done, total = node_counters(result.stderr)[-1]
+        assert done == total, result.stderr
+    assert "preview image(s) from node 7 'Apply ControlNeXt'" in runs[0].stderr and "--previews" in runs[0].stderr
+    assert re.search(r"^\[\d+/\d+\] cached: Load Checkpoint \(1\)", runs[1].stderr, re.M), runs[1].stderr
+    assert [line for line in runs[1].stderr.splitlines() if line.startswith("[")][-4:] == [
+        f"[{total - 3}/{total}] Apply ControlNeXt (7)", f"[{total - 2}/{total}] KSampler (9)",
+        f"[{total - 1}/{total}] VAE Decode (10)", f"[{total}/{total}] Save Image (11)"]
+    previews = [path for path in runs[1].stdout.split() if path.startswith(str(tmp_path / "out1" / "previews"))]
+    assert len(previews) == 1, runs[1].stdout
+    with Image.open(previews[0]) as picture:
+        assert picture.size == (64, 64)
 
 
 def test_a_refused_workflow_lists_the_node_errors(server, images, tmp_path):

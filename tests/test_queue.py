@@ -1,9 +1,12 @@
 """The queue command's parts without a server: UI-to-API conversion rules, --set, the reading of
-a server's refusal, the progress lines and the websocket framing. (Against a real server:
-test_host_workflows.py; the conversion against the real editor's Export: test_host_frontend.py.)"""
+a server's refusal, the progress lines, the websocket framing, the end of a run and its downloads.
+(Against a real server: test_host_workflows.py; the conversion against the real editor's Export:
+test_host_frontend.py.)"""
 from __future__ import annotations
 
 import io
+import json
+import os
 import socket
 import struct
 import sys
@@ -13,11 +16,12 @@ import pytest
 from conftest import PACK_ROOT
 
 sys.path.append(PACK_ROOT)
-from controlnext_queue.cli import refusal  # noqa: E402
+from controlnext_queue import cli  # noqa: E402
+from controlnext_queue.cli import finish, refusal, wait  # noqa: E402
 from controlnext_queue.errors import Exit, QueueError  # noqa: E402
 from controlnext_queue.progress import ProgressDisplay  # noqa: E402
 from controlnext_queue.websocket import ConnectionClosed, WebSocket  # noqa: E402
-from controlnext_queue.workflow import check_model_files, set_input, ui_to_api  # noqa: E402
+from controlnext_queue.workflow import check_model_files, nodes_to_run, set_input, ui_to_api  # noqa: E402
 
 OBJECT_INFO = {
     "Loader": {"display_name": "Load Model", "input": {"required": {"name": [["a.safetensors"], {}]}},
@@ -32,6 +36,9 @@ OBJECT_INFO = {
                                                                        "scale": ["FLOAT", {}]}}},
     "V3Loader": {"display_name": "V3 Loader",
                  "input": {"required": {"controlnext_name": ["COMBO", {"options": ["a/controlnet.safetensors"]}]}}},
+    "Switch": {"display_name": "Switch", "input": {"required": {"on": ["BOOLEAN", {}], "a": ["MODEL", {"lazy": True}],
+                                                                "b": ["MODEL", {"lazy": True}]}}},
+    "Save": {"display_name": "Save", "input": {"required": {"model": ["MODEL"]}}, "output_node": True},
 }
 
 
@@ -159,9 +166,14 @@ def test_a_refusal_naming_a_missing_class_is_an_unknown_node():
     assert refusal(400, answer, {}, OBJECT_INFO).code == Exit.UNKNOWN_NODE
 
 
+def api_prompt_with_output():
+    """Loader -> Sampler -> Save; the Refiner (3) feeds nothing, so it never runs."""
+    return {**api_prompt(), "4": {"class_type": "Save", "inputs": {"model": ["2", 0]}, "_meta": {"title": "Save"}}}
+
+
 def test_progress_on_a_pipe_is_a_line_per_node_its_first_step_and_quarters():
     stream = io.StringIO()
-    display = ProgressDisplay(api_prompt(), stream)
+    display = ProgressDisplay(api_prompt_with_output(), OBJECT_INFO, stream)
     display.executing("1")
     display.executing("2")
     for value in range(1, 9):
@@ -172,8 +184,49 @@ def test_progress_on_a_pipe_is_a_line_per_node_its_first_step_and_quarters():
     assert [line.split()[-1] for line in lines[2:]] == ["1/8", "2/8", "4/8", "6/8", "8/8"]
 
 
+def test_nodes_to_run_are_the_outputs_and_what_they_need_up_to_cached_and_lazy_inputs():
+    prompt = api_prompt_with_output()
+    assert nodes_to_run(prompt, OBJECT_INFO) == {"1", "2", "4"}
+    assert nodes_to_run(prompt, OBJECT_INFO, frozenset({"2", "3"})) == {"2", "4"}  # 1 only feeds the cached 2
+    prompt["5"] = {"class_type": "Switch", "inputs": {"on": True, "a": ["2", 0], "b": ["3", 0]}}
+    prompt["4"]["inputs"]["model"] = ["5", 0]
+    assert nodes_to_run(prompt, OBJECT_INFO) == {"4", "5"}  # the Switch asks for a or b while it runs
+
+
+def test_the_counter_counts_cached_nodes_and_ends_at_the_total():
+    """The server lists cached nodes once (``execution_cached``) and never sends them ``executing``."""
+    stream = io.StringIO()
+    display = ProgressDisplay(api_prompt_with_output(), OBJECT_INFO, stream)
+    display.cached(["1", "3"])  # 3 was cached by an earlier prompt but is not part of this run
+    display.executing("2")
+    display.executing("4")
+    display.executing(None)
+    assert stream.getvalue().splitlines() == ["[1/3] cached: Load Model (1)", "[2/3] Sampler (2)", "[3/3] Save (4)"]
+
+
+def test_the_counter_grows_with_a_node_a_lazy_input_asks_for():
+    prompt = api_prompt_with_output()
+    prompt["5"] = {"class_type": "Switch", "inputs": {"on": True, "a": ["2", 0], "b": ["3", 0]}}
+    prompt["4"]["inputs"]["model"] = ["5", 0]
+    stream = io.StringIO()
+    display = ProgressDisplay(prompt, OBJECT_INFO, stream)
+    for node_id in ("5", "1", "2", "5", "4"):  # the Switch runs, asks for a, then runs again
+        display.executing(node_id)
+    assert [line.split()[0] for line in stream.getvalue().splitlines()] == ["[1/2]", "[2/3]", "[3/4]", "[3/4]", "[4/4]"]
+
+
 def frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
-    return bytes([(0x80 if fin else 0) | opcode, len(payload)]) + payload
+    length = bytes([len(payload)]) if len(payload) < 126 else bytes([126]) + struct.pack("!H", len(payload))
+    return bytes([(0x80 if fin else 0) | opcode]) + length + payload
+
+
+def receive_until_quiet(websocket: WebSocket) -> list:
+    messages = []
+    while True:
+        try:
+            messages.append(websocket.receive())
+        except TimeoutError:
+            return messages
 
 
 def test_websocket_reassembles_fragments_answers_pings_and_reports_close():
@@ -189,3 +242,96 @@ def test_websocket_reassembles_fragments_answers_pings_and_reports_close():
         assert websocket.receive() == b"\x00\x01"
         with pytest.raises(ConnectionClosed, match="1001"):
             websocket.receive()
+
+
+def test_websocket_messages_survive_a_read_timeout_at_any_byte():
+    """A read that times out part way through a frame, or between the fragments of a message,
+    loses nothing: the next read goes on from there (the command reads with a 1 s timeout)."""
+    long_text = json.dumps({"type": "executed", "data": {"output": "x" * 200}})
+    stream = (frame(0x1, b'{"type": ', fin=False) + frame(0x9, b"hi") + frame(0x0, b'"status"}')
+              + frame(0x1, long_text.encode()) + frame(0x2, b"\x00\x01"))
+    for cut in range(1, len(stream)):
+        client, server = socket.socketpair()
+        with client, server:
+            websocket = WebSocket(client)
+            websocket.settimeout(0.001)
+            server.sendall(stream[:cut])
+            received = receive_until_quiet(websocket)
+            server.sendall(stream[cut:])
+            received += receive_until_quiet(websocket)
+        assert received == ['{"type": "status"}', long_text, b"\x00\x01"], f"cut after byte {cut}"
+
+
+class FinishedHistory:
+    """A client whose /history already has the prompt's entry, as when the server finished the
+    run while the command was still reading the run's messages."""
+
+    def __init__(self, entry: dict):
+        self.entry = entry
+
+    def history(self, prompt_id: str) -> dict:
+        return self.entry
+
+
+def run_messages(prompt_id: str) -> list[dict]:
+    """What ComfyUI sends the queueing client for a run of api_prompt_with_output()."""
+    def message(kind, **data):
+        return {"type": kind, "data": {**data, "prompt_id": prompt_id}}
+
+    return [{"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 1}}, "sid": "me"}},
+            message("execution_start"), message("execution_cached", nodes=["1"]),
+            message("executing", node="2", display_node="2"), message("progress", node="2", value=1, max=2),
+            message("progress", node="2", value=2, max=2), message("executing", node="4", display_node="4"),
+            message("executed", node="4", display_node="4", output={}), message("execution_success"),
+            message("executing", node=None)]
+
+
+def test_the_progress_lines_go_to_the_end_when_history_has_the_entry_first(monkeypatch, capsys):
+    """The command checks /history now and then in case a message was missed; when that check
+    finds the run finished, the run's messages still unread are shown, not dropped."""
+    monkeypatch.setattr(cli, "IDLE_CHECK_SECONDS", -1.0)  # check at every message
+    entry = {"status": {"completed": True, "status_str": "success"}, "outputs": {}}
+    client, server = socket.socketpair()
+    with client, server:
+        server.sendall(b"".join(frame(0x1, json.dumps(m).encode()) for m in run_messages("p1")))
+        assert wait(FinishedHistory(entry), WebSocket(client), "p1", api_prompt_with_output(), OBJECT_INFO,
+                    None) is entry
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["[1/3] cached: Load Model (1)", "[2/3] Sampler (2)", "    [############------------] 1/2",
+                     "    [########################] 2/2", "[3/3] Save (4)"]
+
+
+class RecordingDownloads:
+    def __init__(self):
+        self.downloads = []
+
+    def download(self, file: dict, directory: str) -> str:
+        self.downloads.append((file["filename"], directory))
+        return os.path.join(directory, file["filename"])
+
+
+def entry_with_a_preview() -> dict:
+    return {"status": {"completed": True, "status_str": "success", "messages": []},
+            "outputs": {"4": {"images": [{"filename": "out.png", "subfolder": "", "type": "output"}]},
+                        "2": {"images": [{"filename": "preview.png", "subfolder": "", "type": "temp"}],
+                              "text": ["not a file"]}}}
+
+
+def test_previews_are_left_on_the_server_with_a_note_that_says_what_they_are(tmp_path, capsys):
+    client = RecordingDownloads()
+    finish(client, entry_with_a_preview(), "p1", api_prompt_with_output(), OBJECT_INFO, str(tmp_path), False)
+    assert client.downloads == [("out.png", str(tmp_path))]
+    out, err = capsys.readouterr()
+    assert out.split() == [os.path.join(tmp_path, "out.png")]
+    assert "1 preview image(s) from node 2 'Sampler'" in err and "temp folder" in err
+    assert f"--previews downloads them into {os.path.join(tmp_path, 'previews')}" in err
+
+
+def test_previews_flag_downloads_them_into_their_own_folder(tmp_path, capsys):
+    client = RecordingDownloads()
+    finish(client, entry_with_a_preview(), "p1", api_prompt_with_output(), OBJECT_INFO, str(tmp_path), True)
+    previews = os.path.join(tmp_path, "previews")
+    assert client.downloads == [("out.png", str(tmp_path)), ("preview.png", previews)]
+    out, err = capsys.readouterr()
+    assert out.split() == [os.path.join(tmp_path, "out.png"), os.path.join(previews, "preview.png")]
+    assert f"1 preview image(s) in {previews}" in err

@@ -120,6 +120,8 @@ class ConditionEncoder(nn.Module):
         self.mid_convs = nn.ModuleList([nn.Sequential(*mid), nn.Conv2d(width, config.out_channels, 1)])
         if config.scale_parameter:
             self.scale = nn.Parameter(torch.tensor(1.0))
+        # layouts without a learned scale: the control scale a file was trained with (its metadata)
+        self.control_scale = 1.0
 
     def embed(self, image: torch.Tensor, inner_padding: int) -> torch.Tensor:
         x = image

@@ -1,0 +1,391 @@
+"""Training a ControlNeXt the way the official training scripts do, given a denoiser callable.
+
+One step (``ControlNeXt-SD1.5-Training/`` and ``ControlNeXt-SDXL-Training/`` of the official
+repository): timesteps uniform over the 1000 DDPM training steps, ``add_noise`` of the
+scaled-linear schedule, the encoder on the control images at those timesteps, its output times
+the control scale cross-normalised into the UNet where the (family, "base") row of the injection
+table says, MSE on epsilon (or v), then the official optimiser over two parameter groups.
+
+Unlike the official scripts the trained parameters stay in fp32 (they cast the UNet's to fp16,
+where updates of 1e-5 relative round away); the frozen UNet runs in its own dtype and is never
+copied: the denoiser reads the trained UNet weights from ``Trainer.unet_parameters``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterable, Mapping, Protocol
+
+import torch
+from torch.nn import functional as F
+
+from . import encoders, families
+from .cross_norm import add_control
+from .encoders import ConditionEncoder
+from .errors import ControlNeXtError
+
+TRAIN_LAYOUT = "base"  # both official training codes train the 320-channel encoder
+TRAIN_TIMESTEPS = 1000
+PREDICTIONS = ("epsilon", "v_prediction")
+OPTIMIZERS = ("adamw", "adafactor")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a family's official training script does, beside the numbers a user may change."""
+
+    unet_pattern: str  # re.search over UNet parameter names (diffusers and ComfyUI names agree here)
+    optimizer: str
+    unet_lr: float
+    encoder_lr: float
+    max_grad_norm: float | None  # one global norm over both groups; None: no clipping
+    warmup_steps: int  # diffusers' constant_with_warmup: lr x step / warmup before it
+
+
+RECIPES = {
+    # SD1.5: AdamW, encoder at 10x the UNet's lr, every attention output (attn1 and attn2), no clipping.
+    "sd15": Recipe(r"to_out", "adamw", 5e-6, 5e-5, None, 0),
+    # SDXL: Adafactor, cross-attention outputs only, clipping at 1.0, 500 warm-up steps.
+    "sdxl": Recipe(r"attn2.*to_out", "adafactor", 1e-5, 1e-4, 1.0, 500),
+}
+# The empty prompt each script uses for ``proportion_empty_prompts``.
+EMPTY_PROMPT = {"sd15": "PBH", "sdxl": ""}
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    family: str
+    steps: int
+    batch_size: int = 1
+    encoder_lr: float | None = None  # None: the family's official value
+    unet_lr: float | None = None
+    train_unet: bool = True
+    optimizer: str | None = None
+    max_grad_norm: float | None = None  # None: the official value; 0: no clipping
+    warmup_steps: int | None = None
+    control_scale: float = 1.0
+    prediction: str = "epsilon"
+    proportion_empty_prompts: float = 0.0
+    seed: int = 0
+
+    def resolved(self) -> "TrainingSettings":
+        """The settings with every None filled from the family's official recipe, checked."""
+        if self.family not in RECIPES:
+            raise ControlNeXtError(
+                f"ControlNeXt trains SD1.5 and SDXL models (the official training code covers those two); "
+                f"this is a {families.FAMILY_NAMES.get(self.family, self.family)} model.")
+        recipe = RECIPES[self.family]
+        settings = replace(
+            self,
+            encoder_lr=recipe.encoder_lr if self.encoder_lr is None else self.encoder_lr,
+            unet_lr=recipe.unet_lr if self.unet_lr is None else self.unet_lr,
+            optimizer=recipe.optimizer if self.optimizer is None else self.optimizer,
+            max_grad_norm=self.max_grad_norm if self.max_grad_norm is not None else recipe.max_grad_norm,
+            warmup_steps=recipe.warmup_steps if self.warmup_steps is None else self.warmup_steps,
+        )
+        problems = []
+        if settings.steps < 1:
+            problems.append(f"steps is {settings.steps}: train for 1 step or more")
+        if settings.batch_size < 1:
+            problems.append(f"batch_size is {settings.batch_size}: use 1 or more")
+        if settings.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer {settings.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if settings.prediction not in PREDICTIONS:
+            problems.append(f"prediction {settings.prediction!r} is not one of {', '.join(PREDICTIONS)}")
+        if not 0.0 <= settings.proportion_empty_prompts <= 1.0:
+            problems.append(f"proportion_empty_prompts is {settings.proportion_empty_prompts}: give 0 to 1")
+        if settings.encoder_lr < 0 or settings.unet_lr < 0 or settings.warmup_steps < 0:
+            problems.append("learning rates and warm-up steps cannot be negative")
+        if problems:
+            raise ControlNeXtError("Cannot train: " + "; ".join(problems) + ".")
+        return settings
+
+
+def trainable_unet_names(names: Iterable[str], family: str) -> list[str]:
+    """The UNet parameters the family's official script trains (SD1.5: every ``to_out``;
+    SDXL: ``attn2 ... to_out``), in the given order."""
+    pattern = re.compile(RECIPES[family].unet_pattern)
+    return [name for name in names if pattern.search(name)]
+
+
+def ddpm_alphas_cumprod(steps: int = TRAIN_TIMESTEPS, beta_start: float = 0.00085,
+                        beta_end: float = 0.012) -> torch.Tensor:
+    """The scaled-linear schedule of SD1.5 and SDXL, in fp32 as diffusers' DDPMScheduler builds it."""
+    betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, steps, dtype=torch.float32) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def add_noise(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+              alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """DDPMScheduler.add_noise: ``sqrt(a_t) x0 + sqrt(1 - a_t) noise`` per sample."""
+    a = alphas_cumprod.to(device=latents.device, dtype=latents.dtype)[timesteps].reshape(-1, 1, 1, 1)
+    return a ** 0.5 * latents + (1 - a) ** 0.5 * noise
+
+
+def velocity(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+             alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """DDPMScheduler.get_velocity: the v-prediction target."""
+    a = alphas_cumprod.to(device=latents.device, dtype=latents.dtype)[timesteps].reshape(-1, 1, 1, 1)
+    return a ** 0.5 * noise - (1 - a) ** 0.5 * latents
+
+
+class Adafactor(torch.optim.Optimizer):
+    """transformers' Adafactor as the official SDXL script configures it (``relative_step``,
+    ``scale_parameter`` and ``warmup_init`` off): the step size is the group's lr, a factored
+    second moment for matrices, updates clipped to RMS 1, no momentum, no weight decay."""
+
+    def __init__(self, params, lr: float, eps: tuple[float, float] = (1e-30, 1e-3), clip_threshold: float = 1.0,
+                 decay_rate: float = -0.8):
+        super().__init__(params, dict(lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate))
+
+    @staticmethod
+    def _rms(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.norm(2) / (tensor.numel() ** 0.5)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                grad = param.grad.float()
+                state = self.state[param]
+                factored = grad.ndim >= 2
+                if not state:
+                    state["step"] = 0
+                    if factored:
+                        state["row"] = torch.zeros(grad.shape[:-1], device=grad.device)
+                        state["col"] = torch.zeros(grad.shape[:-2] + grad.shape[-1:], device=grad.device)
+                    else:
+                        state["second_moment"] = torch.zeros_like(grad)
+                state["step"] += 1
+                beta2 = 1.0 - math.pow(state["step"], group["decay_rate"])
+                update = grad ** 2 + group["eps"][0]
+                if factored:
+                    row, col = state["row"], state["col"]
+                    row.mul_(beta2).add_(update.mean(dim=-1), alpha=1.0 - beta2)
+                    col.mul_(beta2).add_(update.mean(dim=-2), alpha=1.0 - beta2)
+                    row_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+                    update = row_factor * col.unsqueeze(-2).rsqrt()
+                    update.mul_(grad)
+                else:
+                    moment = state["second_moment"]
+                    moment.mul_(beta2).add_(update, alpha=1.0 - beta2)
+                    update = moment.rsqrt().mul_(grad)
+                update.div_((self._rms(update) / group["clip_threshold"]).clamp_(min=1.0))
+                param.add_(update.mul_(group["lr"]).to(param.dtype), alpha=-1.0)
+
+
+def make_optimizer(encoder_parameters: list[torch.nn.Parameter], unet_parameters: list[torch.nn.Parameter],
+                   settings: TrainingSettings) -> torch.optim.Optimizer:
+    """The official optimiser over two groups: the encoder, then the trained UNet weights."""
+    groups = [{"params": encoder_parameters, "lr": settings.encoder_lr}]
+    if unet_parameters:
+        groups.append({"params": unet_parameters, "lr": settings.unet_lr})
+    if settings.optimizer == "adafactor":
+        return Adafactor(groups, lr=settings.unet_lr)
+    return torch.optim.AdamW(groups, lr=settings.unet_lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """diffusers' constant_with_warmup at optimiser step ``step`` (0-based): 0 at the first."""
+    return 1.0 if step >= warmup_steps else step / max(1, warmup_steps)
+
+
+def new_encoder(seed: int) -> ConditionEncoder:
+    """A "base" encoder with PyTorch's default initialisation, as the official scripts start one."""
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        return ConditionEncoder(encoders.CONFIGS[TRAIN_LAYOUT])
+    finally:
+        torch.random.set_rng_state(state)
+
+
+class Denoiser(Protocol):
+    """The frozen UNet: ``(noisy latents, integer timesteps, conditioning, inject) -> prediction``.
+
+    It must call ``inject(h)`` on its hidden state at the family's injection point (after the
+    skip is stored) and read the trained UNet weights from ``Trainer.unet_parameters``.
+    """
+
+    def __call__(self, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: Any,
+                 inject: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor: ...
+
+
+@dataclass
+class TrainingBatch:
+    latents: torch.Tensor  # [B,4,h,w], already scaled as the UNet takes them
+    controls: torch.Tensor  # [B,3,8h,8w] in [0,1]
+    conditioning: Any  # what the denoiser takes for these samples (empty prompts already swapped in)
+    noise: torch.Tensor | None = None  # given: reproduce a step exactly; None: drawn
+    timesteps: torch.Tensor | None = None
+
+
+class TrainingDiverged(ControlNeXtError):
+    """The loss or a gradient stopped being finite; the weights are those of the last good step."""
+
+
+class Trainer:
+    """Trains an encoder (and optionally the official UNet subset) with one ``step`` per batch."""
+
+    def __init__(self, encoder: ConditionEncoder, unet_weights: Mapping[str, torch.Tensor],
+                 settings: TrainingSettings, device: torch.device | str = "cpu"):
+        if encoder.layout != TRAIN_LAYOUT:
+            raise ControlNeXtError(
+                f"Only {families.LAYOUT_DESCRIPTIONS[TRAIN_LAYOUT]} encoders can be trained here (the layout of the "
+                f"official training code); this one has the {families.LAYOUT_DESCRIPTIONS[encoder.layout]}.")
+        self.settings = settings.resolved()
+        self.rule = families.rule_for(self.settings.family, TRAIN_LAYOUT)
+        self.device = torch.device(device)
+        self.encoder = encoder.to(device=self.device, dtype=torch.float32).train().requires_grad_(True)
+        names = trainable_unet_names(unet_weights, self.settings.family) if self.settings.train_unet else []
+        # fp32 masters of the trained UNet weights; the frozen UNet itself is not copied
+        self.unet_parameters = {name: torch.nn.Parameter(unet_weights[name].detach().to(self.device, torch.float32,
+                                                                                        copy=True))
+                                for name in names}
+        self.optimizer = make_optimizer(list(self.encoder.parameters()), list(self.unet_parameters.values()),
+                                        self.settings)
+        self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
+        self.alphas_cumprod = ddpm_alphas_cumprod().to(self.device)
+        self.generator = torch.Generator(device=self.device).manual_seed(self.settings.seed)  # noise, timesteps
+        self.data_generator = torch.Generator().manual_seed(self.settings.seed)  # batches, empty prompts
+        self._order: list[int] = []
+        self.steps_done = 0
+        self.losses: list[float] = []
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.encoder.parameters()) + list(self.unet_parameters.values())
+
+    def loss(self, denoiser: Denoiser, batch: TrainingBatch,
+             autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The official step's loss, with gradients to the encoder and the trained UNet weights."""
+        latents = batch.latents.to(self.device)
+        size = latents.shape[0]
+        noise = batch.noise if batch.noise is not None else torch.randn(
+            latents.shape, generator=self.generator, device=self.device, dtype=latents.dtype)
+        timesteps = batch.timesteps if batch.timesteps is not None else torch.randint(
+            0, TRAIN_TIMESTEPS, (size,), generator=self.generator, device=self.device)
+        noise, timesteps = noise.to(self.device), timesteps.to(self.device).long()
+        noisy = add_noise(latents, noise, timesteps, self.alphas_cumprod)
+        target = noise if self.settings.prediction == "epsilon" else velocity(
+            latents, noise, timesteps, self.alphas_cumprod)
+        autocast = (torch.autocast(self.device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                    else torch.autocast(self.device.type, enabled=False))
+        with autocast:
+            control = self.encoder(batch.controls.to(self.device), timesteps)
+            scale = self.settings.control_scale
+
+            def inject(hidden: torch.Tensor) -> torch.Tensor:
+                return add_control(hidden, control, self.rule, scale)
+
+            prediction = denoiser(noisy, timesteps, batch.conditioning, inject)
+        return F.mse_loss(prediction.float(), target.float(), reduction="mean")
+
+    def step(self, denoiser: Denoiser, batch: TrainingBatch, autocast_dtype: torch.dtype | None = None,
+             scaler: "torch.amp.GradScaler | None" = None) -> float:
+        """One optimiser step; raises TrainingDiverged (weights untouched) on a non-finite loss or gradient."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss(denoiser, batch, autocast_dtype)
+        step_number = self.steps_done + 1
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"The training loss became {float(loss)} at step {step_number}: training stopped there and kept the "
+                f"weights of step {self.steps_done}. Lower the learning rates, or train in fp32/bf16 instead of fp16.")
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
+        parameters = self.trainable_parameters()
+        if scaler is None and not all(torch.isfinite(p.grad).all() for p in parameters if p.grad is not None):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingDiverged(
+                f"A gradient became NaN or infinite at step {step_number}: training stopped there and kept the "
+                f"weights of step {self.steps_done}. Lower the learning rates.")
+        if self.settings.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(parameters, self.settings.max_grad_norm)
+        factor = warmup_factor(self.steps_done, self.settings.warmup_steps)
+        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base_lr * factor
+        if scaler is not None:
+            scaler.step(self.optimizer)
+            scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps_done = step_number
+        self.losses.append(float(loss.detach()))
+        return self.losses[-1]
+
+    def batch_indices(self, count: int) -> list[int]:
+        """The next batch of sample indices: shuffled epochs, as the official data loaders draw them."""
+        while len(self._order) < self.settings.batch_size:
+            self._order += torch.randperm(count, generator=self.data_generator).tolist()
+        batch, self._order = self._order[:self.settings.batch_size], self._order[self.settings.batch_size:]
+        return batch
+
+    def empty_prompt_mask(self, size: int) -> list[bool]:
+        """Which samples of a batch train with the empty prompt (``proportion_empty_prompts``)."""
+        draws = torch.rand(size, generator=self.data_generator)
+        return (draws < self.settings.proportion_empty_prompts).tolist()
+
+    def trained_unet(self) -> dict[str, torch.Tensor]:
+        """The trained UNet weights (fp32, by the names they were given), detached on the CPU."""
+        return {name: param.detach().cpu().clone() for name, param in self.unet_parameters.items()}
+
+    def finish(self) -> ConditionEncoder:
+        """The trained encoder, frozen for inference, carrying its control scale."""
+        self.encoder.eval().requires_grad_(False)
+        self.encoder.control_scale = self.settings.control_scale
+        return self.encoder
+
+
+def release_unet_weights(trained: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor],
+                         family: str) -> dict[str, torch.Tensor]:
+    """The UNet file of a release, by the trained weights' names: SD1.5 releases hold the trained
+    weights themselves, SDXL releases their deltas from the base (so they apply to fine-tunes)."""
+    if family == "sdxl":
+        return {name: (value.float() - base[name].detach().to(value.device, torch.float32)).contiguous()
+                for name, value in trained.items()}
+    return {name: value.float().contiguous() for name, value in trained.items()}
+
+
+METADATA_FORMAT = "ControlNeXt"
+ENCODER_FILE = "controlnet.safetensors"
+UNET_FILE = "unet.safetensors"
+
+
+def release_metadata(family: str, control_scale: float, steps: int, base_model: str) -> dict[str, str]:
+    """What a saved file says about itself (safetensors metadata is text). The loader applies
+    ``control_scale``; the official scripts keep theirs outside the file (files without it load at 1.0)."""
+    return {"format": METADATA_FORMAT, families.METADATA_FAMILY: family, "layout": TRAIN_LAYOUT,
+            "control_scale": repr(float(control_scale)), "steps": str(int(steps)), "base_model": base_model}
+
+
+def save_release(folder: str, encoder: ConditionEncoder, unet_weights: Mapping[str, torch.Tensor] | None,
+                 metadata: Mapping[str, str], overwrite: bool = False) -> list[str]:
+    """Write ``controlnet.safetensors`` (and ``unet.safetensors``) into ``folder``, each atomically
+    (a temporary file renamed into place); an existing file is an error unless ``overwrite``."""
+    import safetensors.torch
+
+    files = {ENCODER_FILE: {k: v.detach().float().cpu().contiguous() for k, v in encoder.state_dict().items()}}
+    if unet_weights:
+        files[UNET_FILE] = {k: v.detach().cpu().contiguous() for k, v in unet_weights.items()}
+    paths = [os.path.join(folder, name) for name in files]
+    existing = [path for path in paths if os.path.exists(path)]
+    if existing and not overwrite:
+        raise ControlNeXtError(
+            f"{', '.join(existing)} already exists: choose another name, or allow overwriting.")
+    os.makedirs(folder, exist_ok=True)
+    for path, tensors in zip(paths, files.values()):
+        handle, temporary = tempfile.mkstemp(prefix=".controlnext-", suffix=".tmp", dir=folder)
+        os.close(handle)
+        try:
+            safetensors.torch.save_file(tensors, temporary, metadata=dict(metadata))
+            os.replace(temporary, path)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+    return paths

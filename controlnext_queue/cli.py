@@ -16,8 +16,8 @@ from .client import ComfyClient
 from .errors import Exit, QueueError
 from .progress import ProgressDisplay
 from .websocket import ConnectionClosed, WebSocket
-from .workflow import (check_model_files, check_node_types, describe, image_node, is_model_file, is_ui_format, load_workflow,
-                       missing_model_message, parse_assignment, parse_image, set_input, ui_to_api)
+from .workflow import (check_model_files, check_node_types, describe, image_node, is_ui_format, load_workflow,
+                       missing_model_message, names_a_model, parse_assignment, parse_image, set_input, ui_to_api)
 
 HISTORY_POLL_SECONDS = 0.5
 IDLE_CHECK_SECONDS = 5.0
@@ -132,10 +132,10 @@ def refusal(status: int, answer: dict, prompt: dict, object_info: dict) -> Queue
         node = prompt.get(node_id, {"class_type": report.get("class_type", "?")})
         for problem in report.get("errors", []):
             extra = problem.get("extra_info") or {}
-            received = extra.get("received_value")
-            if problem.get("type") == "value_not_in_list" and is_model_file(received):
+            received, input_name = extra.get("received_value"), extra.get("input_name", "?")
+            if problem.get("type") == "value_not_in_list" and names_a_model(input_name, received):
                 options = (extra.get("input_config") or [None])[0]
-                missing.append(missing_model_message(node_id, node, extra.get("input_name", "?"), received,
+                missing.append(missing_model_message(node_id, node, input_name, received,
                                                      options if isinstance(options, list) else None, object_info))
             else:
                 other.append(f"{describe(node_id, node, object_info)}: {problem.get('message')}"

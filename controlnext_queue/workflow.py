@@ -17,10 +17,19 @@ SEED_CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 UPLOAD_FLAGS = {"image_upload": "image", "video_upload": "video", "audio_upload": "audio",
                 "animated_image_upload": "image"}
 MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".sft", ".pkl", ".onnx")
-# Where ComfyUI looks for the files of common loader inputs (ControlNeXt files: models/controlnext).
+# Where ComfyUI looks for the files of common loader inputs (ControlNeXt files: models/controlnext)
+# and of this pack's preprocessors (a depth model is a folder, named without an extension).
 MODEL_FOLDERS = {"ckpt_name": "checkpoints", "control_net_name": "controlnet", "vae_name": "vae",
                  "lora_name": "loras", "clip_name": "text_encoders", "unet_name": "diffusion_models",
-                 "controlnext_name": "controlnext"}
+                 "controlnext_name": "controlnext", "detector_model": "dwpose", "pose_model": "dwpose",
+                 "depth_model": "depth_estimation"}
+# What goes in the preprocessors' folders and where it comes from (README, Preprocessors).
+FOLDER_CONTENTS = {
+    "dwpose": ("the file", " (Hugging Face yzd-v/DWPose has both files DWPose needs: yolox_l.onnx and "
+                           "dw-ll_ucoco_384.onnx)"),
+    "depth_estimation": ("the model folder", " (config.json, model.safetensors and preprocessor_config.json, as in "
+                                             "Hugging Face depth-anything/Depth-Anything-V2-Small-hf)"),
+}
 CONTROLNEXT_LOADERS = {"ControlNeXtLoader", "ControlNeXtUNetWeights"}
 
 
@@ -88,8 +97,9 @@ def check_node_types(prompt: dict, object_info: dict) -> None:
                          f"provides it (ComfyUI-Manager: Install Missing Custom Nodes) and restart the server.")
 
 
-def is_model_file(value) -> bool:
-    return isinstance(value, str) and value.lower().endswith(MODEL_EXTENSIONS)
+def names_a_model(input_name: str, value) -> bool:
+    """A model file name, or any value of an input known to name a model (files and folders)."""
+    return isinstance(value, str) and (value.lower().endswith(MODEL_EXTENSIONS) or input_name in MODEL_FOLDERS)
 
 
 def combo_options(spec: list) -> list | None:
@@ -102,11 +112,12 @@ def missing_model_message(node_id: str, node: dict, input_name: str, value: str,
                           object_info: dict) -> str:
     folder = "controlnext" if node.get("class_type") in CONTROLNEXT_LOADERS else MODEL_FOLDERS.get(input_name)
     where = f"ComfyUI/models/{folder}/" if folder else "the models folder this node reads"
+    what, source = FOLDER_CONTENTS.get(folder, ("the file", ""))
     available = "" if options is None else \
         f" (the server has: {', '.join(options[:5])}{', ...' if len(options) > 5 else ''})" if options else \
         " (the server has none)"
-    return (f"{describe(node_id, node, object_info)}: {input_name} '{value}' is not installed. Put the file in "
-            f"{where} and refresh{available}.")
+    return (f"{describe(node_id, node, object_info)}: {input_name} '{value}' is not installed. Put {what} in "
+            f"{where}{source} and refresh{available}.")
 
 
 def check_model_files(prompt: dict, object_info: dict) -> None:
@@ -117,7 +128,7 @@ def check_model_files(prompt: dict, object_info: dict) -> None:
         specs = input_specs(object_info.get(node["class_type"], {}))
         for name, value in node["inputs"].items():
             options = combo_options(specs[name]) if name in specs else None
-            if options is not None and is_model_file(value) and value not in options:
+            if options is not None and names_a_model(name, value) and value not in options:
                 missing.append(missing_model_message(node_id, node, name, value, options, object_info))
     if missing:
         raise QueueError(Exit.MISSING_MODEL, "model files the workflow needs are not on the server:\n  "

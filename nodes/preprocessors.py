@@ -1,7 +1,9 @@
 """Preprocessor nodes: canny, DWPose, pose drawing, depth and mask control images (core: controlnext_core.preprocess).
 
 Model files come only from ComfyUI's models folders (registered here, so extra_model_paths.yaml
-entries work): nothing is downloaded at run time.
+entries work): nothing is downloaded at run time, and the model lists show only what is installed.
+Models that torch runs (TorchScript DWPose files, Depth Anything) are ModelPatchers that ComfyUI
+loads when a node runs and unloads like any model; see ``model_patcher`` and ``onnx_runner``.
 """
 from __future__ import annotations
 
@@ -9,14 +11,17 @@ import functools
 import os
 
 import comfy.model_management
+import comfy.model_patcher
 import comfy.utils
 import folder_paths
+import torch
 from comfy_api.latest import io
 
 from ..controlnext_core import ControlNeXtError
 from ..controlnext_core.preprocess.canny import canny
 from ..controlnext_core.preprocess.depth import NORMALISATIONS, STYLES, DepthEstimator, depth_control
-from ..controlnext_core.preprocess.dwpose import DWPoseDetector
+from ..controlnext_core.preprocess.dwpose import (DWPoseDetector, ModelRunner, TorchScriptRunner, is_torchscript,
+                                                  load_runner, load_torchscript, pose_input_size)
 from ..controlnext_core.preprocess.images import check_image_batch
 from ..controlnext_core.preprocess.mask import check_mask_batch, mask_control, mask_from_image, resize_masks
 from ..controlnext_core.preprocess.pose import draw_poses, frames_from_openpose, to_openpose
@@ -28,8 +33,9 @@ PoseKeypointType = io.Custom("POSE_KEYPOINT")
 DWPOSE_FOLDER = "dwpose"
 DWPOSE_EXTRA_FOLDERS = ("detection",)  # ComfyUI's own folder for detection models (recent versions)
 DWPOSE_SUFFIXES = (".onnx", ".torchscript.pt", ".pt")
-DEFAULT_DETECTOR = "yolox_l.onnx"
-DEFAULT_POSE_MODEL = "dw-ll_ucoco_384.onnx"
+# The official files (Hugging Face yzd-v/DWPose), then their TorchScript versions: a combo's default.
+DETECTOR_FILES = ("yolox_l.onnx", "yolox_l.torchscript.pt")
+POSE_FILES = ("dw-ll_ucoco_384.onnx", "dw-ll_ucoco_384_bs5.torchscript.pt")
 DEPTH_FOLDER = "depth_estimation"
 DEFAULT_DEPTH_MODEL = "Depth-Anything-V2-Small-hf"
 
@@ -51,31 +57,36 @@ def _search_paths(folder: str, extra: tuple[str, ...] = ()) -> list[str]:
 
 
 def dwpose_files() -> list[str]:
-    """Model files (relative names) in models/dwpose (and models/detection), official names first when absent."""
+    """Model files (relative names) in models/dwpose and models/detection; none when none is installed."""
     names: set[str] = set()
     for root in _search_paths(DWPOSE_FOLDER, DWPOSE_EXTRA_FOLDERS):
         for directory, _, files in os.walk(root, followlinks=True):
             for file in files:
                 if file.lower().endswith(DWPOSE_SUFFIXES):
                     names.add(os.path.relpath(os.path.join(directory, file), root).replace(os.sep, "/"))
-    return sorted(names | {DEFAULT_DETECTOR, DEFAULT_POSE_MODEL})
+    return sorted(names)
+
+
+def installed_default(files: list[str], official: tuple[str, ...]) -> str | None:
+    """The first of ``official`` that is installed (no default when none is: the combo shows its first file)."""
+    return next((name for name in official if name in files), None)
 
 
 def depth_models() -> list[str]:
-    """Model folders (with a config.json) in models/depth_estimation; the default name when there are none."""
+    """Model folders (with a config.json) in models/depth_estimation; none when none is installed."""
     names: set[str] = set()
     for root in _search_paths(DEPTH_FOLDER):
         if os.path.isdir(root):
             names |= {entry for entry in os.listdir(root) if os.path.isfile(os.path.join(root, entry, "config.json"))}
-    return sorted(names) or [DEFAULT_DEPTH_MODEL]
+    return sorted(names)
 
 
 def missing_dwpose_message(name: str) -> str:
     searched = ", ".join(_search_paths(DWPOSE_FOLDER, DWPOSE_EXTRA_FOLDERS))
     return (f"The DWPose model file '{name}' is not in models/{DWPOSE_FOLDER} (searched: {searched}). DWPose needs "
-            f"two files there: {DEFAULT_DETECTOR} (person detector) and {DEFAULT_POSE_MODEL} (whole-body pose), from "
-            f"the Hugging Face repository yzd-v/DWPose; or their TorchScript versions yolox_l.torchscript.pt and "
-            f"dw-ll_ucoco_384_bs5.torchscript.pt. A '{DWPOSE_FOLDER}:' entry in extra_model_paths.yaml can point at "
+            f"two files there: {DETECTOR_FILES[0]} (person detector) and {POSE_FILES[0]} (whole-body pose), from "
+            f"the Hugging Face repository yzd-v/DWPose; or their TorchScript versions {DETECTOR_FILES[1]} and "
+            f"{POSE_FILES[1]}. A '{DWPOSE_FOLDER}:' entry in extra_model_paths.yaml can point at "
             f"files you already have. Then refresh the page.")
 
 
@@ -101,18 +112,57 @@ def resolve_depth(name: str) -> str:
         f"Then refresh the page.")
 
 
-def _stamp(path: str) -> tuple[str, float]:
-    return path, os.path.getmtime(path)
+class ManagedModule(torch.nn.Module):
+    """The module a ModelPatcher holds. ModelPatcher sets attributes on its model (``device``, load
+    counters), which a transformers model refuses (its ``device`` is a read-only property), so every
+    preprocessor model is wrapped alike."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+
+def model_patcher(module: torch.nn.Module) -> comfy.model_patcher.ModelPatcher:
+    return comfy.model_patcher.ModelPatcher(ManagedModule(module),
+                                            load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
+def load_for_run(patchers: list[comfy.model_patcher.ModelPatcher]) -> None:
+    """Loads the patchers together (so one does not unload the other), whole: their modules cannot run split."""
+    if patchers:
+        comfy.model_management.load_models_gpu(patchers, force_full_load=True)
+
+
+# The caches hold ModelPatchers (keyed by path and modification time, so a file is read once):
+# where their weights are is ComfyUI's loaded-model list's business, not the cache's.
+@functools.lru_cache(maxsize=2)  # a detector and a pose model
+def _torchscript_patcher(path: str, mtime: float, role: str) -> comfy.model_patcher.ModelPatcher:
+    return model_patcher(load_torchscript(path, comfy.model_management.unet_offload_device(), role))
 
 
 @functools.lru_cache(maxsize=1)
-def _detector(detector: tuple[str, float], pose: tuple[str, float], device: str) -> DWPoseDetector:
-    return DWPoseDetector.from_files(detector[0], pose[0], device)
+def _depth_model(folder: str, config_mtime: float) -> tuple[DepthEstimator, comfy.model_patcher.ModelPatcher]:
+    estimator = DepthEstimator.from_folder(folder, comfy.model_management.unet_offload_device())
+    return estimator, model_patcher(estimator.model)
 
 
-@functools.lru_cache(maxsize=1)
-def _depth_estimator(folder: str, config_stamp: float) -> DepthEstimator:
-    return DepthEstimator.from_folder(folder)
+def onnx_runner(path: str, role: str) -> ModelRunner:
+    """ONNX files run outside torch (onnxruntime, or OpenCV on the CPU), where no ModelPatcher can
+    hold them: the session is made for this run only, so onnxruntime-gpu's memory is given back when
+    the node ends instead of staying out of ComfyUI's reach."""
+    return load_runner(path, comfy.model_management.get_torch_device(), role)
+
+
+def dwpose_detector(detector_path: str, pose_path: str) -> DWPoseDetector:
+    """The detector for one run: TorchScript files through their ModelPatchers, ONNX files by ``onnx_runner``."""
+    roles = {"detector": detector_path, "pose": pose_path}
+    patchers = {role: _torchscript_patcher(path, os.path.getmtime(path), role)
+                for role, path in roles.items() if is_torchscript(path)}
+    load_for_run(list(patchers.values()))
+    runners = {role: TorchScriptRunner(patchers[role].model.module, role) if role in patchers
+               else onnx_runner(path, role) for role, path in roles.items()}
+    return DWPoseDetector(runners["detector"], runners["pose"], pose_input_size(runners["pose"], pose_path))
 
 
 def progress_bar(total: int):
@@ -170,9 +220,9 @@ class ControlNeXtDWPose(io.ComfyNode):
                         "SVD code draws them. Models from models/dwpose only; nothing is downloaded.",
             inputs=[
                 io.Image.Input("image", tooltip="Pictures or video frames; every frame is detected."),
-                io.Combo.Input("detector_model", options=files, default=DEFAULT_DETECTOR,
+                io.Combo.Input("detector_model", options=files, default=installed_default(files, DETECTOR_FILES),
                                tooltip="Person detector in models/dwpose: yolox_l.onnx (or yolox_l.torchscript.pt)."),
-                io.Combo.Input("pose_model", options=files, default=DEFAULT_POSE_MODEL,
+                io.Combo.Input("pose_model", options=files, default=installed_default(files, POSE_FILES),
                                tooltip="Whole-body pose model in models/dwpose: dw-ll_ucoco_384.onnx (or "
                                        "dw-ll_ucoco_384_bs5.torchscript.pt)."),
                 io.Boolean.Input("draw_body", default=True, tooltip="Draw the body skeleton."),
@@ -191,8 +241,7 @@ class ControlNeXtDWPose(io.ComfyNode):
     def execute(cls, image, detector_model: str, pose_model: str, draw_body: bool, draw_hands: bool,
                 draw_face: bool) -> io.NodeOutput:
         image = check_image_batch(image)
-        device = comfy.model_management.get_torch_device()
-        detector = _detector(_stamp(resolve_dwpose(detector_model)), _stamp(resolve_dwpose(pose_model)), str(device))
+        detector = dwpose_detector(resolve_dwpose(detector_model), resolve_dwpose(pose_model))
         update = progress_bar(2 * image.shape[0])
         frames = detector.detect(image, on_progress=update)
         drawn = draw_poses(frames, body=draw_body, hands=draw_hands, face=draw_face, on_progress=update)
@@ -235,6 +284,7 @@ class ControlNeXtDrawPose(io.ComfyNode):
 class ControlNeXtDepth(io.ComfyNode):
     @classmethod
     def define_schema(cls):
+        models = depth_models()
         return io.Schema(
             node_id="ControlNeXtDepth",
             display_name="Depth Map (ControlNeXt)",
@@ -244,7 +294,7 @@ class ControlNeXtDepth(io.ComfyNode):
                         "near = dark) or as grey. Nothing is downloaded.",
             inputs=[
                 io.Image.Input("image", tooltip="Pictures or video frames."),
-                io.Combo.Input("depth_model", options=depth_models(),
+                io.Combo.Input("depth_model", options=models, default=installed_default(models, (DEFAULT_DEPTH_MODEL,)),
                                tooltip="A model folder in models/depth_estimation (config.json + model.safetensors), "
                                        "e.g. Depth-Anything-V2-Small-hf."),
                 io.Combo.Input("style", options=list(STYLES), default="viridis",
@@ -261,13 +311,9 @@ class ControlNeXtDepth(io.ComfyNode):
     def execute(cls, image, depth_model: str, style: str, normalise: str) -> io.NodeOutput:
         image = check_image_batch(image)
         folder = resolve_depth(depth_model)
-        estimator = _depth_estimator(folder, os.path.getmtime(os.path.join(folder, "config.json")))
-        device = comfy.model_management.get_torch_device()
-        estimator.model.to(device)
-        try:
-            disparity = estimator.estimate(image, on_progress=progress_bar(image.shape[0]))
-        finally:
-            estimator.model.to(comfy.model_management.unet_offload_device())
+        estimator, patcher = _depth_model(folder, os.path.getmtime(os.path.join(folder, "config.json")))
+        load_for_run([patcher])
+        disparity = estimator.estimate(image, on_progress=progress_bar(image.shape[0]))
         return io.NodeOutput(depth_control(disparity, style, normalise))
 
 

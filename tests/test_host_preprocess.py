@@ -1,6 +1,7 @@
-"""Preprocessor nodes in a real ComfyUI: schemas, model folders, the nodes end to end on tiny
-models, canny on ComfyUI's example photograph, and the depth path on a tiny random-weight
-Depth Anything (the real transformers architecture) saved to a temp folder."""
+"""Preprocessor nodes in a real ComfyUI: schemas, model folders and lists, their models under
+ComfyUI's model management, the nodes end to end on tiny models, canny on ComfyUI's example
+photograph, and the depth path on a tiny random-weight Depth Anything (the real transformers
+architecture) saved to a temp folder."""
 from __future__ import annotations
 
 import asyncio
@@ -8,6 +9,7 @@ import json
 import os
 
 import host
+import comfy.model_management
 import cv2
 import folder_paths
 import numpy as np
@@ -40,9 +42,29 @@ def model_folders(tmp_path, monkeypatch):
     paths[nodes.DEPTH_FOLDER] = ([str(depth)], set())
     paths.pop("detection", None)
     monkeypatch.setattr(folder_paths, "folder_names_and_paths", paths)
-    nodes._detector.cache_clear()
-    nodes._depth_estimator.cache_clear()
+    nodes._torchscript_patcher.cache_clear()
+    nodes._depth_model.cache_clear()
     return dwpose, depth
+
+
+def install_tiny_dwpose(dwpose) -> tuple[str, str]:
+    torch.manual_seed(0)
+    save_torchscript(RandomDetector(), torch.rand(1, 3, 640, 640) * 255, dwpose / "yolox_l.torchscript.pt")
+    generator = torch.Generator().manual_seed(2)
+    save_torchscript(PlantedPose(torch.randint(150, 420, (133,), generator=generator),
+                                 torch.randint(150, 600, (133,), generator=generator)),
+                     torch.zeros(5, 3, 384, 288), dwpose / "dw-ll_ucoco_384_bs5.torchscript.pt")
+    return "yolox_l.torchscript.pt", "dw-ll_ucoco_384_bs5.torchscript.pt"
+
+
+def preprocessor_models() -> list:
+    """The ModelPatchers of this pack's preprocessors in ComfyUI's loaded-model list."""
+    return [patcher for patcher in comfy.model_management.loaded_models()
+            if isinstance(patcher.model, nodes.ManagedModule)]
+
+
+def combo(schema, name: str) -> dict:
+    return next(item for item in schema.inputs if item.id == name).as_dict()
 
 
 def test_every_node_is_listed_under_the_preprocessor_category_with_tooltips():
@@ -80,9 +102,27 @@ def test_canny_node_agrees_with_cv2_on_the_example_photograph(size):
         assert 0.002 < reference.mean() < 0.3, "a photograph: some edges, mostly not edges"
 
 
+def test_a_fresh_models_folder_lists_no_dwpose_or_depth_model(model_folders):
+    assert nodes.dwpose_files() == [] and nodes.depth_models() == []
+    for node, names in ((nodes.ControlNeXtDWPose, ("detector_model", "pose_model")),
+                        (nodes.ControlNeXtDepth, ("depth_model",))):
+        for name in names:
+            spec = combo(node.define_schema(), name)
+            assert spec["options"] == [] and "default" not in spec, f"{name} lists what is not installed"
+
+
+def test_installed_models_are_listed_with_the_official_name_as_default(model_folders):
+    dwpose, depth = model_folders
+    detector, pose = install_tiny_dwpose(dwpose)
+    tiny_depth_anything(depth / nodes.DEFAULT_DEPTH_MODEL)
+    assert nodes.dwpose_files() == sorted([detector, pose])
+    schema = nodes.ControlNeXtDWPose.define_schema()
+    assert combo(schema, "detector_model")["default"] == detector and combo(schema, "pose_model")["default"] == pose
+    assert combo(nodes.ControlNeXtDepth.define_schema(), "depth_model")["default"] == nodes.DEFAULT_DEPTH_MODEL
+
+
 def test_dwpose_node_names_the_missing_files_and_folder(model_folders):
     dwpose, _ = model_folders
-    assert nodes.dwpose_files() == sorted([nodes.DEFAULT_DETECTOR, nodes.DEFAULT_POSE_MODEL])
     with pytest.raises(ControlNeXtError) as error:
         nodes.ControlNeXtDWPose.execute(torch.rand(1, 32, 32, 3), "yolox_l.onnx", "dw-ll_ucoco_384.onnx", True, True,
                                         True)
@@ -93,16 +133,9 @@ def test_dwpose_node_names_the_missing_files_and_folder(model_folders):
 
 def test_dwpose_node_runs_on_tiny_models_and_its_keypoints_redraw_identically(model_folders):
     dwpose, _ = model_folders
-    torch.manual_seed(0)
-    save_torchscript(RandomDetector(), torch.rand(1, 3, 640, 640) * 255, dwpose / "yolox_l.torchscript.pt")
-    generator = torch.Generator().manual_seed(2)
-    save_torchscript(PlantedPose(torch.randint(150, 420, (133,), generator=generator),
-                                 torch.randint(150, 600, (133,), generator=generator)),
-                     torch.zeros(5, 3, 384, 288), dwpose / "dw-ll_ucoco_384_bs5.torchscript.pt")
-    assert "yolox_l.torchscript.pt" in nodes.dwpose_files()
+    detector, pose = install_tiny_dwpose(dwpose)
     frames = torch.rand(3, 96, 80, 3)
-    drawn, keypoints = nodes.ControlNeXtDWPose.execute(frames, "yolox_l.torchscript.pt",
-                                                       "dw-ll_ucoco_384_bs5.torchscript.pt", True, True, True).result
+    drawn, keypoints = nodes.ControlNeXtDWPose.execute(frames, detector, pose, True, True, True).result
     assert drawn.shape == (3, 96, 80, 3) and 0.0 <= drawn.min() and drawn.max() <= 1.0 and drawn.max() > 0
     assert len(keypoints) == 3 and keypoints[0]["canvas_width"] == 80
     json.dumps(keypoints)  # plain JSON, as other packs expect
@@ -126,6 +159,39 @@ def test_depth_node_runs_a_tiny_depth_anything_from_the_models_folder(model_fold
     for frame in grey:
         assert frame.min() == 0.0 and frame.max() == pytest.approx(1.0), "per_frame spans the full range"
     assert not torch.equal(grey[0], grey[1]), "frames differ, so do their depth maps"
+
+
+def run_dwpose(detector: str, pose: str) -> None:
+    nodes.ControlNeXtDWPose.execute(torch.rand(1, 48, 40, 3), detector, pose, True, True, True)
+
+
+def run_depth(name: str) -> None:
+    nodes.ControlNeXtDepth.execute(torch.rand(1, 30, 30, 3), name, "viridis", "batch")
+
+
+@pytest.mark.parametrize("node", ["dwpose", "depth"])
+def test_preprocessor_models_are_loaded_and_freed_by_comfyui_model_management(model_folders, node):
+    dwpose, depth = model_folders
+    if node == "dwpose":
+        run, arguments, expected = run_dwpose, install_tiny_dwpose(dwpose), 2
+    else:
+        tiny_depth_anything(depth / "tiny-depth-anything")
+        run, arguments, expected = run_depth, ("tiny-depth-anything",), 1
+    comfy.model_management.unload_all_models()
+    run(*arguments)
+    loaded = preprocessor_models()
+    assert len(loaded) == expected, "the node's models are in ComfyUI's loaded-model list"
+    assert all(patcher.loaded_size() == patcher.model_size() > 0 for patcher in loaded), "loaded whole"
+    comfy.model_management.unload_all_models()
+    assert preprocessor_models() == [], "ComfyUI unloads them like any model"
+    for patcher in loaded:
+        assert patcher.loaded_size() == 0
+        assert {weight.device for weight in patcher.model.state_dict().values()} == {patcher.offload_device}
+    run(*arguments)
+    again = preprocessor_models()
+    assert {id(patcher) for patcher in again} == {id(patcher) for patcher in loaded}, "the files are read once"
+    comfy.model_management.free_memory(1e30, comfy.model_management.get_torch_device())
+    assert preprocessor_models() == []
 
 
 def test_viridis_style_maps_near_to_dark_purple_and_far_to_yellow():

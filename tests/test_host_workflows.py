@@ -283,6 +283,23 @@ def test_a_missing_model_file_says_which_and_where(server, images, tmp_path):
     assert missing in result.stderr and "ComfyUI/models/controlnext/" in result.stderr
 
 
+@pytest.mark.parametrize("name, assignments, folder, missing", [
+    ("controlnext_svd_pose_video", (), "ComfyUI/models/dwpose/", ("yolox_l.onnx", "dw-ll_ucoco_384.onnx")),
+    ("controlnext_sd15_depth", ("ControlNeXtDepth.depth_model=Depth-Anything-V2-Large-hf",),
+     "ComfyUI/models/depth_estimation/", ("Depth-Anything-V2-Large-hf",)),
+])
+def test_a_missing_preprocessor_model_says_which_and_where(server, images, tmp_path, name, assignments, folder,
+                                                           missing):
+    """The server has TorchScript stand-ins in models/dwpose, not the ONNX files the pose workflow
+    names, and a depth model under another name than the one set here."""
+    result = queue(runnable_copy(name, tmp_path), "--server", server.url, "--out", str(tmp_path),
+                   *image_args(name, images), *settings(*assignments))
+    assert result.returncode == 6, result.stderr
+    for file in missing:
+        assert f"'{file}' is not installed" in result.stderr
+    assert folder in result.stderr and ("yzd-v/DWPose" if "dwpose" in folder else "config.json") in result.stderr
+
+
 def test_a_failing_node_gives_its_message(server, images, tmp_path):
     sd15_file = next(name for name, layout in CONTROLNEXT_FILES.items() if layout == "mid")
     result = queue(runnable_copy("controlnext_sdxl_canny", tmp_path), "--server", server.url, "--out",

@@ -149,6 +149,35 @@ def test_a_refusal_with_only_missing_files_is_a_missing_model():
     assert "b.safetensors" in error.message and "a.safetensors" in error.message
 
 
+PREPROCESSOR_INFO = {
+    "ControlNeXtDWPose": {"display_name": "DWPose Estimator (ControlNeXt)",
+                          "input": {"required": {"detector_model": ["COMBO", {"options": []}],
+                                                 "pose_model": ["COMBO", {"options": []}]}}},
+    "ControlNeXtDepth": {"display_name": "Depth Map (ControlNeXt)",
+                         "input": {"required": {"depth_model": ["COMBO", {"options": []}]}}},
+}
+
+
+def test_preprocessor_models_that_are_not_installed_name_their_folder_and_source():
+    prompt = {"1": {"class_type": "ControlNeXtDWPose",
+                    "inputs": {"detector_model": "yolox_l.onnx", "pose_model": "dw-ll_ucoco_384.onnx"}},
+              "2": {"class_type": "ControlNeXtDepth", "inputs": {"depth_model": "Depth-Anything-V2-Small-hf"}}}
+    with pytest.raises(QueueError) as error:
+        check_model_files(prompt, PREPROCESSOR_INFO)
+    assert error.value.code == Exit.MISSING_MODEL
+    lines = error.value.message.splitlines()[1:]
+    assert len(lines) == 3 and all("(the server has none)" in line for line in lines)
+    for line, file in zip(lines[:2], ("yolox_l.onnx", "dw-ll_ucoco_384.onnx")):
+        assert f"'{file}'" in line and "ComfyUI/models/dwpose/" in line and "yzd-v/DWPose" in line
+    assert "model folder in ComfyUI/models/depth_estimation/" in lines[2] and "config.json" in lines[2]
+    answer = {"node_errors": {"2": {"errors": [{"type": "value_not_in_list", "message": "Value not in list",
+                                                "extra_info": {"input_name": "depth_model",
+                                                               "received_value": "Depth-Anything-V2-Small-hf",
+                                                               "input_config": None}}]}}}
+    refused = refusal(400, answer, prompt, PREPROCESSOR_INFO)  # how ComfyUI v0.33 refuses it
+    assert refused.code == Exit.MISSING_MODEL and "ComfyUI/models/depth_estimation/" in refused.message
+
+
 def test_a_refusal_with_other_problems_lists_them_all():
     answer = {"node_errors": {
         "1": {"errors": [node_error("value_not_in_list", "b.safetensors")], "class_type": "Loader"},

@@ -4,8 +4,8 @@ Two models: a YOLOX person detector (``yolox_l.onnx``: [1, 3, 640, 640] -> [1, 8
 the DWPose RTMPose whole-body model (``dw-ll_ucoco_384.onnx``: [N, 3, 384, 288] -> SimCC
 x [N, 133, 576] and y [N, 133, 768]). Either may be ONNX (run by onnxruntime when it is
 installed, on the GPU with onnxruntime-gpu, else by OpenCV's DNN module on the CPU) or
-TorchScript (``*.torchscript.pt``, run by torch on the given device; traced pose models take
-batches of 5, which is what the pose batch is padded to).
+TorchScript (``*.torchscript.pt``, run by torch wherever its weights are; traced pose models
+take batches of 5, which is what the pose batch is padded to).
 
 The steps follow the official code: letterbox to 640 (pad 114, image top-left), YOLOX grid
 decoding, person boxes by NMS (IoU 0.45, score > 0.1) kept over 0.3 (none found: the whole
@@ -16,6 +16,7 @@ OpenPose order (see ``pose``).
 """
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 from typing import Callable, Protocol
@@ -134,40 +135,56 @@ class OpenCVRunner:
 
 
 class TorchScriptRunner:
-    def __init__(self, path: str, device: torch.device, batch_size: int | None):
-        self.module = torch.jit.load(path, map_location=device).eval()
-        parameter = next(self.module.parameters(), None)
-        self.device = device
-        self.dtype = parameter.dtype if parameter is not None else torch.float32
-        self.batch_size = batch_size
+    """Runs a TorchScript module where its weights are at call time, so whoever manages the
+    module's memory (ComfyUI's model management in the nodes) may move it between runs."""
+
+    def __init__(self, module: torch.nn.Module, role: str):
+        self.module = module
+        self.batch_size = TORCHSCRIPT_POSE_BATCH if role == "pose" else 1
 
     def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
+        weight = next(itertools.chain(self.module.parameters(), self.module.buffers()), None)
+        device = weight.device if weight is not None else torch.device("cpu")
+        dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
         with torch.inference_mode():
-            outputs = self.module(torch.from_numpy(batch).to(self.device, self.dtype))
+            outputs = self.module(torch.from_numpy(batch).to(device, dtype))
         outputs = outputs if isinstance(outputs, (tuple, list)) else [outputs]
         return [out.float().cpu().numpy() for out in outputs]
+
+
+def is_torchscript(path: str) -> bool:
+    return path.lower().endswith(TORCHSCRIPT_SUFFIXES)
+
+
+def _unreadable(path: str, role: str, error: Exception) -> ControlNeXtError:
+    return ControlNeXtError(f"Could not load the DWPose {role} model '{os.path.basename(path)}' "
+                            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). The file "
+                            f"is probably truncated or not a {role} model: download it again.")
+
+
+def load_torchscript(path: str, device: torch.device | str, role: str) -> torch.jit.ScriptModule:
+    """A TorchScript DWPose file as an eval-mode module on ``device``; ``role`` as in ``load_runner``."""
+    try:
+        return torch.jit.load(path, map_location=torch.device(device)).eval()
+    except Exception as error:
+        raise _unreadable(path, role, error) from None
 
 
 def load_runner(path: str, device: torch.device | str, role: str) -> ModelRunner:
     """A runner for an ONNX or TorchScript file; ``role`` is "detector" or "pose" (for messages and batching)."""
     device = torch.device(device)
-    name = os.path.basename(path)
-    lower = name.lower()
+    if is_torchscript(path):
+        return TorchScriptRunner(load_torchscript(path, device, role), role)
+    if not path.lower().endswith(".onnx"):
+        raise ControlNeXtError(f"'{os.path.basename(path)}' is neither an ONNX (.onnx) nor a TorchScript "
+                               f"(.torchscript.pt) file.")
     try:
-        if lower.endswith(".onnx"):
-            try:
-                return OnnxRuntimeRunner(path, device)
-            except ImportError:
-                return OpenCVRunner(path)
-        if lower.endswith(TORCHSCRIPT_SUFFIXES):
-            return TorchScriptRunner(path, device, TORCHSCRIPT_POSE_BATCH if role == "pose" else 1)
-    except ControlNeXtError:
-        raise
+        try:
+            return OnnxRuntimeRunner(path, device)
+        except ImportError:
+            return OpenCVRunner(path)
     except Exception as error:
-        raise ControlNeXtError(f"Could not load the DWPose {role} model '{name}' ({type(error).__name__}: "
-                               f"{str(error).splitlines()[0] if str(error) else ''}). The file is probably truncated "
-                               f"or not a {role} model: download it again.") from None
-    raise ControlNeXtError(f"'{name}' is neither an ONNX (.onnx) nor a TorchScript (.torchscript.pt) file.")
+        raise _unreadable(path, role, error) from None
 
 
 def pose_input_size(runner: ModelRunner, path: str) -> tuple[int, int]:

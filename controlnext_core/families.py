@@ -38,6 +38,14 @@ RULES: dict[tuple[str, str], InjectionRule] = {
     ("svd", "svd_v1"): InjectionRule("svd", "svd_v1", "before_middle", False, 1e-5, 1.0, "v1", 0),
 }
 
+# Each injection point in words for the editor (``injection_block`` has the exact block).
+POINT_WORDS = {
+    "after_conv_in": "right after the first layer of the UNet, at full resolution",
+    "after_first_down": "early in the UNet, after its first downscale (half resolution)",
+    "before_middle": "deep in the UNet, just before its middle, at its lowest resolution",
+    "after_middle": "deep in the UNet, right after its middle, at its lowest resolution",
+}
+
 # Without a family hint, what a layout most likely serves (the published releases).
 DEFAULT_FAMILY = {"mid": "sd15", "base": "sdxl", "svd_v1": "svd"}
 # For ``inject`` without a layout: the published releases of each family.

@@ -4,7 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io, ui
 
 from ..controlnext_core import ControlNeXtError
-from ..controlnext_core.families import FAMILY_NAMES, LAYOUT_DESCRIPTIONS
+from ..controlnext_core.families import FAMILY_NAMES, LAYOUT_DESCRIPTIONS, POINT_WORDS
 from .loaders import CATEGORY, ControlNeXtType
 from .patch import attach, check_percent_range, control_image_from_comfy, make_patch, model_family
 
@@ -59,8 +59,11 @@ class ApplyControlNeXt(io.ComfyNode):
 
 
 def applied_ui(cls, patch, image, strength: float) -> dict:
-    """What the editor shows on the node after a run: where the control went, and a preview of
-    the control image the node received."""
-    summary = (f"{FAMILY_NAMES[patch.controlnext.family]} model: control {patch.controlnext.rule.point.replace('_', ' ')} "
-               f"({patch.block[0]} block {patch.block[1]}), strength {strength:g}")
-    return {"controlnext_info": [summary], **ui.PreviewImage(image, cls=cls).as_dict()}
+    """What the editor shows on the node after a run: where the control acted, in words (the exact
+    injection point and block as the text's tooltip), and a preview of the control image it received."""
+    controlnext = patch.controlnext
+    summary = (f"{FAMILY_NAMES[controlnext.family]} model, strength {strength:g}: acts where the release was "
+               f"trained to, {POINT_WORDS[controlnext.rule.point]}")
+    detail = (f"{controlnext.rule.point} = ComfyUI {patch.block[0]} block {patch.block[1]}; "
+              f"{LAYOUT_DESCRIPTIONS[controlnext.layout]}")
+    return {"controlnext_info": [summary], "controlnext_detail": [detail], **ui.PreviewImage(image, cls=cls).as_dict()}

@@ -7,7 +7,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..controlnext_core import ControlNeXtError, load_encoder, load_state_dict_file
-from ..controlnext_core.families import FAMILY_NAMES, LAYOUT_DESCRIPTIONS
+from ..controlnext_core.families import DEFAULT_FAMILY, FAMILY_NAMES, LAYOUT_DESCRIPTIONS
 from ..controlnext_core.unet_weights import MODES, OFFICIAL_MODE, unet_weight_patches
 from .patch import ControlNeXtControlNet, ControlNeXtFile, model_family, model_type_name
 from .unet_keys import unet_key_map
@@ -71,8 +71,10 @@ class LoadControlNeXt(io.ComfyNode):
         encoder = load_encoder(load_state_dict_file(resolve(controlnext_name)))
         file = ControlNeXtFile(controlnext_name, encoder)
         params = sum(p.numel() for p in encoder.parameters())
-        summary = f"{LAYOUT_DESCRIPTIONS[file.layout]}, {params / 1e6:.2f} M parameters"
-        return io.NodeOutput(file, ControlNeXtControlNet(file), ui={"controlnext_info": [summary]})
+        summary = (f"Encoder for {FAMILY_NAMES[DEFAULT_FAMILY[file.layout]]} models (the published releases of its "
+                   f"kind), {params / 1e6:.2f} M parameters")
+        return io.NodeOutput(file, ControlNeXtControlNet(file),
+                             ui={"controlnext_info": [summary], "controlnext_detail": [LAYOUT_DESCRIPTIONS[file.layout]]})
 
 
 def patch_unet_weights(model, unet_name: str, strength: float, mode: str):

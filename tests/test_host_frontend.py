@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 
 import pytest
@@ -58,7 +59,7 @@ class Browser:
         self.socket = WebSocket.connect(page["webSocketDebuggerUrl"])
         self.next_id = 0
         self.events: list[dict] = []
-        for domain in ("Page", "Runtime", "Log"):
+        for domain in ("Page", "Runtime", "Log", "Network"):
             self.send(f"{domain}.enable")
 
     def send(self, method: str, params: dict | None = None, timeout: float = 60) -> dict:
@@ -124,6 +125,13 @@ class Browser:
         with open(path, "wb") as file:
             file.write(base64.b64decode(self.send("Page.captureScreenshot", {"format": "png"})["data"]))
 
+    def responses(self, url_prefix: str) -> dict[str, int]:
+        """Status of each response the page received for a URL starting with ``url_prefix`` (decoded)."""
+        self.evaluate("1")
+        return {urllib.parse.unquote(event["params"]["response"]["url"]): event["params"]["response"]["status"]
+                for event in self.events if event["method"] == "Network.responseReceived"
+                and urllib.parse.unquote(event["params"]["response"]["url"]).startswith(url_prefix)}
+
     def errors(self) -> list[str]:
         """Console errors, uncaught exceptions and failed loads the page reported so far."""
         self.evaluate("1")  # collects the events sent before its answer
@@ -154,6 +162,11 @@ APP = "window.comfyAPI.app.app"
 OUR_EXTENSION = "ControlNeXt.NodeStatus"
 TEMPLATE_URL = f"/api/workflow_templates/{PACK_LINK_NAME}"
 WORKFLOWS = os.path.join(PACK_ROOT, "workflows")
+
+
+def template_url(name: str) -> str:
+    """Where the server serves a template (names are titles: spaces and all)."""
+    return f"{TEMPLATE_URL}/{urllib.parse.quote(name)}.json"
 
 
 def read_json(path: str):
@@ -251,16 +264,127 @@ def test_every_template_opens_and_exports_its_api_twin(editor, browser, server):
     object_info = server.get("/object_info")
     assert names
     for name in names:
-        workflow = server.get(f"{TEMPLATE_URL}/{name}.json")
+        workflow = server.get(template_url(name))
         exported = browser.evaluate(f"""(async () => {{
             const app = {APP};
-            await app.loadGraphData(await (await fetch("{TEMPLATE_URL}/{name}.json")).json());
+            await app.loadGraphData(await (await fetch({json.dumps(template_url(name))})).json());
             return {{count: app.graph.nodes.length, prompt: (await app.graphToPrompt()).output}};
         }})()""")
         assert exported["count"] == len(workflow["nodes"]), name
         twin = read_json(os.path.join(WORKFLOWS, "api", f"{name}.json"))
         assert api_inputs(exported["prompt"], object_info) == api_inputs(twin, object_info), name
     assert not [error for error in browser.errors() if "ControlNeXt" in error]
+
+
+STATUS_NODES = ("ControlNeXtLoader", "ControlNeXtApply", "ControlNeXtUNetWeights")  # the nodes with a status
+ROOM_FOR_NOTHING = 10  # px a node may stand taller than its widgets before a run
+
+
+def frame(browser, *node_types: str, ids: tuple = ()) -> None:
+    """Zooms the canvas onto the first nodes of these types and the nodes of these ids, for the screenshot."""
+    browser.evaluate(f"""(() => {{
+        const app = {APP};
+        const nodes = [...{json.dumps(node_types)}.map((t) => app.graph.nodes.find((n) => n.type === t)),
+                       ...{json.dumps(list(ids))}.map((id) => app.graph.getNodeById(id))];
+        const left = Math.min(...nodes.map((n) => n.pos[0])), top = Math.min(...nodes.map((n) => n.pos[1] - 40));
+        const right = Math.max(...nodes.map((n) => n.pos[0] + n.size[0]));
+        const bottom = Math.max(...nodes.map((n) => n.pos[1] + n.size[1]));
+        const canvas = app.canvas.canvas;
+        const fit = Math.min(1.1, (canvas.width - 300) / (right - left), (canvas.height - 200) / (bottom - top));
+        const scale = Math.max(0.75, fit);  // below that the editor draws nodes without text
+        app.canvas.ds.scale = scale;
+        app.canvas.ds.offset = [150 / scale - left, 120 / scale - top];
+        app.canvas.setDirty(true, true);
+    }})()""")
+    time.sleep(0.5)
+
+
+def load_template(browser, name: str) -> None:
+    browser.evaluate(f"""(async () => {{
+        await {APP}.loadGraphData(await (await fetch({json.dumps(template_url(name))})).json());
+    }})()""")
+
+
+def our_nodes(browser) -> list[dict]:
+    """The pack's nodes in the graph: id, type, height and the height of their widgets (what the
+    editor would give them), whether they have a status, and the labels of their list widgets."""
+    return browser.evaluate(f"""{APP}.graph.nodes.filter((n) => n.type.startsWith("ControlNeXt")).map((n) => ({{
+        id: n.id, type: n.type, height: n.size[1], widgets_height: n.computeSize()[1],
+        status: (n.widgets || []).some((w) => w.name === "controlnext_status"),
+        labels: (n.widgets || []).filter((w) => w.type === "combo").map((w) => w.label || w.name)}}))""")
+
+
+def drawn_texts(browser, node_id) -> list[str]:
+    """The texts the canvas draws with this node zoomed in: labels come out cut short ("contr…")
+    when a long value leaves them no room."""
+    frame(browser, ids=(node_id,))
+    return browser.evaluate(f"""(() => {{
+        const canvas = {APP}.canvas, context = canvas.ctx, fillText = context.fillText, drawn = [];
+        context.fillText = function (text, ...rest) {{ drawn.push(String(text)); return fillText.call(this, text, ...rest); }};
+        try {{ canvas.draw(true, true); }} finally {{ context.fillText = fillText; }}
+        return drawn;
+    }})()""")
+
+
+def check_compact_with_whole_labels(browser, where: str) -> None:
+    for node in our_nodes(browser):
+        assert not node["status"], (where, node)  # a status only comes with a run
+        if node["type"] in STATUS_NODES:
+            assert node["height"] <= node["widgets_height"] + ROOM_FOR_NOTHING, (where, node)
+        if node["labels"]:
+            drawn = drawn_texts(browser, node["id"])
+            assert set(node["labels"]) <= set(drawn), (where, node, [text for text in drawn if "…" in text])
+
+
+def test_the_template_browser_shows_a_picture_and_a_title_for_each_template(editor, browser, server):
+    """Browse Templates, the pack's entry: each card's picture (<template>.jpg beside the template)
+    loads, and its title (the template's file name) reads as a title and is shown whole."""
+    names = server.get("/api/workflow_templates")[PACK_LINK_NAME]
+    browser.events.clear()
+    browser.evaluate(f"{APP}.extensionManager.command.execute('Comfy.BrowseTemplates')")
+    entry = ("[...document.querySelectorAll('*')].find((e) => !e.children.length && "
+             f"e.textContent.trim() === {json.dumps(PACK_LINK_NAME)})")
+    browser.wait_for(f"!!{entry}", 60, "the pack in the template browser")
+    browser.evaluate(f"{entry}.click()")
+    cards = {}
+    for name in names:
+        cards[name] = browser.wait_for(f"""(() => {{
+            const card = [...document.querySelectorAll('[data-testid^="template-workflow-"]')]
+                .find((c) => c.dataset.testid === {json.dumps(f"template-workflow-{name}")});
+            card?.scrollIntoView({{block: "nearest"}});  // a picture loads when its card is seen
+            const picture = card?.querySelector("img"), title = card?.querySelector("h3");
+            if (!picture?.complete || !picture.naturalWidth) return null;
+            return {{title: title.textContent.trim(), description: card.querySelector("p")?.textContent.trim() ?? null,
+                     clipped: title.scrollHeight > title.clientHeight + 1 || title.scrollWidth > title.clientWidth + 1}};
+        }})()""", 60, f"the card of {name} with its picture")
+    pictures = browser.responses(f"{server.url}{TEMPLATE_URL}/")
+    browser.evaluate("document.querySelector('[data-testid^=\"template-workflow-\"]').scrollIntoView()")
+    time.sleep(0.5)
+    browser.screenshot(os.path.join(ARTIFACTS, "frontend_templates.png"))
+    browser.send("Input.dispatchKeyEvent", {"type": "keyDown", "key": "Escape", "code": "Escape",
+                                            "windowsVirtualKeyCode": 27})
+    browser.wait_for("!document.querySelector('[data-testid^=\"template-workflow-\"]')", 10, "the dialog to close")
+    assert {url: status for url, status in pictures.items() if status != 200} == {}
+    assert {f"{server.url}{TEMPLATE_URL}/{name}.jpg" for name in names} <= set(pictures)
+    for name, card in cards.items():
+        assert card["title"] == name and not card["clipped"], card
+        assert name.startswith("ControlNeXt ") and "_" not in name, f"{name!r} is a file name, not a title"
+        if card["description"] is not None:  # frontend 1.27 repeats the name in words below it
+            assert card["description"] == " ".join(name.replace("-", " ").split()), card
+
+
+def test_before_a_run_our_nodes_are_compact_and_show_their_whole_labels(editor, browser, server):
+    """Each template as it opens: no empty room kept for a status, and every list widget's label
+    drawn in full beside its file name."""
+    status_nodes = {}
+    for name in server.get("/api/workflow_templates")[PACK_LINK_NAME]:
+        load_template(browser, name)
+        check_compact_with_whole_labels(browser, name)
+        status_nodes[name] = [node["id"] for node in our_nodes(browser) if node["type"] in STATUS_NODES]
+    name = max(status_nodes, key=lambda name: len(status_nodes[name]))
+    load_template(browser, name)
+    frame(browser, ids=status_nodes[name])
+    browser.screenshot(os.path.join(ARTIFACTS, "frontend_before_run.png"))
 
 
 def add_from_search(browser, query: str) -> None:
@@ -284,6 +408,7 @@ def test_our_nodes_can_be_added_from_the_search_menu(editor, browser, display_na
     types = browser.wait_for(f"(() => {{ const t = {APP}.graph.nodes.map((n) => n.type); "
                              f"return t.length ? t : null; }})()", 10, f"{display_name} to be added")
     assert types == [node_type]
+    check_compact_with_whole_labels(browser, f"{display_name} from the search menu")  # with its first file
 
 
 SMALL = [["EmptyLatentImage", "width", 64], ["EmptyLatentImage", "height", 64], ["KSampler", "steps", 2]]
@@ -293,7 +418,7 @@ def run_template_in_editor(browser, server, name: str, widget_values: list) -> N
     """Opens a template from workflows/ in the editor, sets widgets, and queues it with the
     editor's Run. What the editor sends gets the one test substitution of tests/server.py
     (Load Checkpoint -> the tiny-checkpoint test node, same inputs); nothing else changes."""
-    template = server.get(f"{TEMPLATE_URL}/{name}.json")
+    template = server.get(template_url(name))
     browser.evaluate(f"""(async () => {{
         const app = {APP}, api = window.comfyAPI.api.api;
         await app.refreshComboInNodes();  // the editor learns about the uploaded images
@@ -318,7 +443,7 @@ def status_text(browser, node_type: str, timeout: float = 120) -> dict:
     return browser.wait_for(f"""(() => {{
         const node = {APP}.graph.nodes.find((n) => n.type === "{node_type}");
         const widget = node?.widgets?.find((w) => w.name === "controlnext_status");
-        return widget?.element?.textContent ? {{text: widget.element.textContent,
+        return widget?.element?.textContent ? {{text: widget.element.textContent, tooltip: widget.element.title,
             state: widget.element.dataset.state, images: (node.imgs || []).length}} : null;
     }})()""", timeout, f"the status on {node_type}")
 
@@ -328,33 +453,20 @@ def upload(server, path: str) -> None:
     ComfyClient(server.url).upload_image(path)
 
 
-def frame(browser, *node_types: str) -> None:
-    """Zooms the canvas onto the first nodes of these types, for the screenshot."""
-    browser.evaluate(f"""(() => {{
-        const app = {APP};
-        const nodes = {json.dumps(node_types)}.map((t) => app.graph.nodes.find((n) => n.type === t));
-        const left = Math.min(...nodes.map((n) => n.pos[0])), top = Math.min(...nodes.map((n) => n.pos[1] - 40));
-        const right = Math.max(...nodes.map((n) => n.pos[0] + n.size[0]));
-        const bottom = Math.max(...nodes.map((n) => n.pos[1] + n.size[1]));
-        const canvas = app.canvas.canvas;
-        const fit = Math.min(1.1, (canvas.width - 300) / (right - left), (canvas.height - 200) / (bottom - top));
-        const scale = Math.max(0.75, fit);  // below that the editor draws nodes without text
-        app.canvas.ds.scale = scale;
-        app.canvas.ds.offset = [150 / scale - left, 120 / scale - top];
-        app.canvas.setDirty(true, true);
-    }})()""")
-    time.sleep(0.5)
-
-
 def test_after_a_run_the_nodes_show_what_the_run_found(editor, browser, server, tmp_path):
     from PIL import Image
     Image.new("RGB", (64, 64), (40, 90, 200)).save(tmp_path / "photo.png")  # the template's file name
     upload(server, str(tmp_path / "photo.png"))
-    run_template_in_editor(browser, server, "controlnext_sd15_depth", SMALL)
+    run_template_in_editor(browser, server, "ControlNeXt SD1.5 Depth", SMALL)
     loader = status_text(browser, "ControlNeXtLoader")
     applied = status_text(browser, "ControlNeXtApply")
-    assert loader["state"] == "ok" and '"mid" layout' in loader["text"] and "M parameters" in loader["text"]
-    assert applied["state"] == "ok" and applied["text"].startswith("SD1.5 model: control after middle")
+    assert loader["state"] == "ok" and loader["text"].startswith("Encoder for SD1.5 models")
+    assert "M parameters" in loader["text"] and '"mid" layout' in loader["tooltip"]
+    assert applied["state"] == "ok" and applied["text"] == (
+        "SD1.5 model, strength 1: acts where the release was trained to, deep in the UNet, right after its middle, "
+        "at its lowest resolution")
+    assert applied["tooltip"].startswith("after_middle = ComfyUI output block 0;"), applied
+    assert "layout" not in applied["text"] and "block" not in applied["text"]  # the exact terms stay in the tooltip
     browser.wait_for(f"""(() => {{ const n = {APP}.graph.nodes.find((n) => n.type === "ControlNeXtApply");
                          return (n.imgs || []).length > 0; }})()""", 30, "the control image preview")
     server.wait_until_idle(timeout=120)
@@ -368,7 +480,7 @@ def test_a_wrong_family_shows_as_a_message_on_the_node(editor, browser, server, 
     Image.new("RGB", (64, 64), (200, 200, 200)).save(tmp_path / "photo.png")
     upload(server, str(tmp_path / "photo.png"))
     sd15_file = "ControlNeXt-SD1.5/vidit_depth/controlnet.safetensors"
-    run_template_in_editor(browser, server, "controlnext_sdxl_canny",
+    run_template_in_editor(browser, server, "ControlNeXt SDXL Canny",
                            SMALL + [["ControlNeXtLoader", "controlnext_name", sd15_file]])
     status = browser.wait_for(f"""(() => {{
         const node = {APP}.graph.nodes.find((n) => n.type === "ControlNeXtApply");

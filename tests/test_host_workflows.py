@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 
 import pytest
 
@@ -34,12 +35,12 @@ API_WORKFLOWS = os.path.join(WORKFLOWS, "api")
 # Every workflow in workflows/ (UI format) and workflows/api/, with the titles of the Load Image
 # nodes the shell run uploads an image to. A new workflow is one entry here.
 WORKFLOW_IMAGES = {
-    "controlnext_sd15_depth": ("Photo",),
-    "controlnext_sd15_mask": ("Mask",),
-    "controlnext_sdxl_canny": ("Photo",),
-    "controlnext_sdxl_canny_unet_weights": ("Photo",),
-    "controlnext_sd15_stacked_controlnet": ("Depth Map", "Photo"),
-    "controlnext_svd_pose_video": ("Reference", "Driving Video"),
+    "ControlNeXt SD1.5 Depth": ("Photo",),
+    "ControlNeXt SD1.5 Mask": ("Mask",),
+    "ControlNeXt SDXL Canny": ("Photo",),
+    "ControlNeXt SDXL Canny + UNet": ("Photo",),
+    "ControlNeXt SD1.5 + ControlNet": ("Depth Map", "Photo"),
+    "ControlNeXt SVD Pose Video": ("Reference", "Driving Video"),
 }
 DRIVING_FRAMES = 6
 
@@ -57,7 +58,7 @@ SMALL_VIDEO = settings("Reference at Video Size.width=64", "Reference at Video S
                          for name, file in DWPOSE_FILES.items()))
 # Per workflow: the settings that make it small, its sampler's title and the frames it saves.
 RUNS = {name: (SMALL, "KSampler", 1) for name in WORKFLOW_IMAGES}
-RUNS["controlnext_svd_pose_video"] = (SMALL_VIDEO, "SamplerCustomAdvanced", DRIVING_FRAMES)
+RUNS["ControlNeXt SVD Pose Video"] = (SMALL_VIDEO, "SamplerCustomAdvanced", DRIVING_FRAMES)
 SAVE_NODES = ("SaveImage", "SaveAnimatedWEBP")
 MODEL_INPUTS = ("ckpt_name", "controlnext_name", "unet_name", "control_net_name", "detector_model", "pose_model",
                 "depth_model")
@@ -149,7 +150,7 @@ def test_ui_workflows_are_served_as_the_packs_templates(server):
     listed = server.get("/api/workflow_templates")
     assert sorted(listed[PACK_LINK_NAME]) == sorted(WORKFLOW_IMAGES)  # the api/ twins are not templates
     for name in WORKFLOW_IMAGES:
-        assert server.get(f"/api/workflow_templates/{PACK_LINK_NAME}/{name}.json") == \
+        assert server.get(f"/api/workflow_templates/{PACK_LINK_NAME}/{urllib.parse.quote(name)}.json") == \
             read_json(os.path.join(WORKFLOWS, f"{name}.json"))
 
 
@@ -235,7 +236,7 @@ def test_a_rerun_counts_its_cached_nodes_and_downloads_previews_on_request(serve
     """Both runs execute Apply ControlNeXt (a strength no other test uses), whose control image
     preview is in the history only when it runs (ComfyUI v0.33 leaves cached nodes' out); the
     second one finds the loaders, prompts and canny image in the server's cache."""
-    name = "controlnext_sdxl_canny"
+    name = "ControlNeXt SDXL Canny"
     path = runnable_copy(name, tmp_path)
     runs = [queue(path, "--server", server.url, "--out", str(tmp_path / f"out{index}"), *image_args(name, images),
                   *SMALL, *settings(f"KSampler.seed={11 + index}", f"Apply ControlNeXt.strength={strength}"), *extra)
@@ -256,7 +257,7 @@ def test_a_rerun_counts_its_cached_nodes_and_downloads_previews_on_request(serve
 
 
 def test_a_refused_workflow_lists_the_node_errors(server, images, tmp_path):
-    name = "controlnext_sd15_depth"
+    name = "ControlNeXt SD1.5 Depth"
     result = queue(runnable_copy(name, tmp_path), "--server", server.url, "--out", str(tmp_path),
                    *image_args(name, images), "--set", "KSampler.steps=0", "--set", "Apply ControlNeXt.strength=-1")
     assert result.returncode == 4, result.stderr
@@ -268,7 +269,7 @@ def test_an_unknown_node_type_names_the_node_and_the_fix(server, images, tmp_pat
     def use_an_uninstalled_pack(prompt):
         prompt["6"]["class_type"] = "CannyEdgePreprocessor"  # comfyui_controlnet_aux, not installed here
 
-    result = queue(runnable_copy("controlnext_sdxl_canny", tmp_path, use_an_uninstalled_pack), "--server",
+    result = queue(runnable_copy("ControlNeXt SDXL Canny", tmp_path, use_an_uninstalled_pack), "--server",
                    server.url, "--out", str(tmp_path))
     assert result.returncode == 5, result.stderr
     assert "CannyEdgePreprocessor" in result.stderr and "Install the custom node pack" in result.stderr
@@ -276,16 +277,16 @@ def test_an_unknown_node_type_names_the_node_and_the_fix(server, images, tmp_pat
 
 def test_a_missing_model_file_says_which_and_where(server, images, tmp_path):
     missing = "ControlAny-SDXL/vidit_depth/controlnet.safetensors"
-    result = queue(runnable_copy("controlnext_sdxl_canny", tmp_path), "--server", server.url, "--out",
-                   str(tmp_path), *image_args("controlnext_sdxl_canny", images),
+    result = queue(runnable_copy("ControlNeXt SDXL Canny", tmp_path), "--server", server.url, "--out",
+                   str(tmp_path), *image_args("ControlNeXt SDXL Canny", images),
                    "--set", f"Load ControlNeXt.controlnext_name={missing}")
     assert result.returncode == 6, result.stderr
     assert missing in result.stderr and "ComfyUI/models/controlnext/" in result.stderr
 
 
 @pytest.mark.parametrize("name, assignments, folder, missing", [
-    ("controlnext_svd_pose_video", (), "ComfyUI/models/dwpose/", ("yolox_l.onnx", "dw-ll_ucoco_384.onnx")),
-    ("controlnext_sd15_depth", ("ControlNeXtDepth.depth_model=Depth-Anything-V2-Large-hf",),
+    ("ControlNeXt SVD Pose Video", (), "ComfyUI/models/dwpose/", ("yolox_l.onnx", "dw-ll_ucoco_384.onnx")),
+    ("ControlNeXt SD1.5 Depth", ("ControlNeXtDepth.depth_model=Depth-Anything-V2-Large-hf",),
      "ComfyUI/models/depth_estimation/", ("Depth-Anything-V2-Large-hf",)),
 ])
 def test_a_missing_preprocessor_model_says_which_and_where(server, images, tmp_path, name, assignments, folder,
@@ -302,8 +303,8 @@ def test_a_missing_preprocessor_model_says_which_and_where(server, images, tmp_p
 
 def test_a_failing_node_gives_its_message(server, images, tmp_path):
     sd15_file = next(name for name, layout in CONTROLNEXT_FILES.items() if layout == "mid")
-    result = queue(runnable_copy("controlnext_sdxl_canny", tmp_path), "--server", server.url, "--out",
-                   str(tmp_path), *image_args("controlnext_sdxl_canny", images), *SMALL,
+    result = queue(runnable_copy("ControlNeXt SDXL Canny", tmp_path), "--server", server.url, "--out",
+                   str(tmp_path), *image_args("ControlNeXt SDXL Canny", images), *SMALL,
                    "--set", f"Load ControlNeXt.controlnext_name={sd15_file}")
     assert result.returncode == 7, result.stderr
     assert "'Apply ControlNeXt'" in result.stderr and "cannot serve a SDXL model" in result.stderr
@@ -325,7 +326,7 @@ def wait_for_line(process: subprocess.Popen, text: str, timeout: float = 60) -> 
 
 
 def test_an_interrupted_prompt_says_so(server, images, tmp_path):
-    name = "controlnext_sd15_depth"
+    name = "ControlNeXt SD1.5 Depth"
     process = start_queue(runnable_copy(name, tmp_path), "--server", server.url, "--out", str(tmp_path),
                           *image_args(name, images), *SMALL, "--set", "KSampler.steps=10000")
     try:
@@ -380,7 +381,7 @@ class DroppingProxy:
 
 
 def test_a_dropped_connection_is_reported(server, images, tmp_path):
-    name = "controlnext_sd15_depth"
+    name = "ControlNeXt SD1.5 Depth"
     proxy = DroppingProxy(server.port)
     process = start_queue(runnable_copy(name, tmp_path), "--server", f"http://127.0.0.1:{proxy.port}", "--out",
                           str(tmp_path), *image_args(name, images), *SMALL, "--set", "KSampler.steps=10000")
@@ -400,7 +401,7 @@ def test_an_unreachable_server_and_a_bad_argument_have_their_own_codes(tmp_path)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         closed_port = sock.getsockname()[1]
-    path = os.path.join(API_WORKFLOWS, "controlnext_sd15_depth.json")
+    path = os.path.join(API_WORKFLOWS, "ControlNeXt SD1.5 Depth.json")
     result = queue(path, "--server", f"http://127.0.0.1:{closed_port}", "--out", str(tmp_path), timeout=30)
     assert result.returncode == 3 and "cannot reach ComfyUI" in result.stderr
     result = queue(path, "--out", str(tmp_path), "--set", "steps=20", timeout=30)

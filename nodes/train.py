@@ -69,13 +69,13 @@ class TrainingPatch:
 
 class ComfyDenoiser:
     """The MODEL's UNet as ``controlnext_core.train.Denoiser``: raw DDPM inputs and integer
-    timesteps (as the official scripts feed diffusers' UNet), the trained weights swapped in."""
+    timesteps (as the official scripts feed diffusers' UNet); the trained weights come in through
+    ``trained_weights_in``."""
 
-    def __init__(self, model, family: str, trainer: Trainer):
+    def __init__(self, model, family: str):
         self.base = model.model
         self.unet = self.base.diffusion_model
         self.family = family
-        self.trainer = trainer
         rule = rule_for(family, TRAIN_LAYOUT)
         self.patch = TrainingPatch(injection_block(rule, list(self.unet.num_res_blocks)))
         options = model.model_options.get("transformer_options", {})
@@ -88,15 +88,39 @@ class ComfyDenoiser:
     def __call__(self, noisy, timesteps, conditioning, inject):
         context, y = conditioning
         self.patch.inject = inject
-        weights = {name: param.to(self.dtype) for name, param in self.trainer.unet_parameters.items()}
         try:
-            return torch.func.functional_call(
-                self.unet, weights, (noisy.to(self.dtype), timesteps.float()),
-                {"context": context.to(noisy.device, self.dtype),
-                 "y": None if y is None else y.to(noisy.device, self.dtype),
-                 "transformer_options": dict(self.transformer_options)}, strict=False)
+            return self.unet(noisy.to(self.dtype), timesteps.float(), context=context.to(noisy.device, self.dtype),
+                             y=None if y is None else y.to(noisy.device, self.dtype),
+                             transformer_options=dict(self.transformer_options))
         finally:
             self.patch.inject = None
+
+
+def _master_weight(master: torch.nn.Parameter, weight: torch.Tensor) -> torch.Tensor:
+    return master.to(weight.dtype)
+
+
+@contextlib.contextmanager
+def trained_weights_in(unet, unet_parameters: dict[str, torch.nn.Parameter]):
+    """The UNet reads the trainer's fp32 masters in place of the weights being trained, through
+    ComfyUI's per-layer weight functions: inside each layer's forward, so a checkpointed layer's
+    recomputation reads them too. The layers' own weights are never written."""
+    modules = dict(unet.named_modules())
+    saved = []
+    for name, master in unet_parameters.items():
+        module_name, kind = name.rsplit(".", 1)
+        module = modules[module_name]
+        attribute = f"{kind}_function"
+        if not hasattr(module, attribute):
+            raise ControlNeXtError(f"The UNet layer '{module_name}' is not one of ComfyUI's layers, so its weights "
+                                   f"cannot be trained here; load the model with a ComfyUI loader.")
+        saved.append((module, attribute, getattr(module, attribute)))
+        setattr(module, attribute, list(getattr(module, attribute)) + [functools.partial(_master_weight, master)])
+    try:
+        yield
+    finally:
+        for module, attribute, functions in reversed(saved):
+            setattr(module, attribute, functions)
 
 
 def _batch_conditioning(model, family: str, entries: list, latent_shape) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -293,7 +317,7 @@ def train(model, family: str, samples: torch.Tensor, images: torch.Tensor, posit
         unet_state = _unet_state(model)
         names = trainable_unet_names(unet_state, family) if settings.train_unet else []
         trainer = Trainer(encoder, {name: unet_state[name] for name in names}, settings, device)
-        denoiser = ComfyDenoiser(model, family, trainer)
+        denoiser = ComfyDenoiser(model, family)
         latents = model.model.process_latent_in(samples.to(device, torch.float32))
         height, width = samples.shape[-2] * LATENT_SCALE, samples.shape[-1] * LATENT_SCALE
         if tuple(images.shape[-2:]) != (height, width):
@@ -303,7 +327,7 @@ def train(model, family: str, samples: torch.Tensor, images: torch.Tensor, posit
         scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 and device.type == "cuda" else None
         progress = comfy.utils.ProgressBar(settings.steps, node_id=node_id)
         message = f"Trained {settings.steps} steps."
-        with gradient_checkpointing(unet, use_checkpointing):
+        with trained_weights_in(unet, trainer.unet_parameters), gradient_checkpointing(unet, use_checkpointing):
             for step in range(settings.steps):
                 if comfy.model_management.processing_interrupted():
                     comfy.model_management.interrupt_current_processing(False)

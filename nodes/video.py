@@ -7,7 +7,7 @@ import comfy.conds
 import comfy.samplers
 from comfy_api.latest import io
 
-from ..controlnext_core import ControlNeXtError, load_encoder, load_state_dict_file
+from ..controlnext_core import ControlNeXtError, load_encoder_file
 from ..controlnext_core.preprocess.align import align_poses
 from ..controlnext_core.preprocess.pose import frames_from_openpose, to_openpose
 from ..controlnext_core.video import control_frames, fusion_weights, linear_guidance, plan_windows
@@ -53,7 +53,7 @@ class LoadControlNeXtSVD(io.ComfyNode):
     @classmethod
     def execute(cls, model, controlnext_name: str, unet_name: str) -> io.NodeOutput:
         require_svd(model)
-        file = ControlNeXtFile(controlnext_name, load_encoder(load_state_dict_file(resolve(controlnext_name))))
+        file = ControlNeXtFile(controlnext_name, *load_encoder_file(resolve(controlnext_name)))
         file.bind(model.model)  # refuses an SD encoder here, before any sampling
         patched = model.clone() if unet_name == NO_UNET else patch_unet_weights(model, unet_name, 1.0, "replace")
         return io.NodeOutput(patched, file)

@@ -1,0 +1,209 @@
+"""Host tests: Train / Save ControlNeXt and Load Training Pictures on tiny SD1.5 and SDXL UNets in a
+real ComfyUI (the official step itself is checked in tests/test_train.py and, against the official
+code, in tests/test_official_training_parity.py)."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import host  # skips this module without a ComfyUI host
+from host import apply, conditioning, sample, tiny_model
+
+import comfy.model_management
+import folder_paths
+
+train_nodes = host.importlib.import_module(f"{host.PACK_NAME}.nodes.train")
+loaders = host.loaders
+Train, Save = train_nodes.TrainControlNeXt, train_nodes.SaveControlNeXt
+
+
+def squares(count: int = 4, size: int = 64, seed: int = 0):
+    """Latents and control images that agree: a square where the control is white."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.zeros(count, size, size, 3)
+    for i in range(count):
+        y, x = torch.randint(0, size // 2, (2,), generator=generator).tolist()
+        images[i, y:y + size // 2, x:x + size // 2] = 1.0
+    latents = torch.nn.functional.avg_pool2d(images[..., :1].movedim(-1, 1), 8).repeat(1, 4, 1, 1) * 2 - 1
+    return {"samples": latents}, images
+
+
+def run_train(family, steps=4, model=None, **overrides):
+    latents, images = squares()
+    arguments = dict(model=model or tiny_model(family), latents=latents, positive=conditioning(family, 1),
+                     control_images=images, steps=steps, batch_size=2, encoder_lr=1e-4, unet_lr=1e-5,
+                     train_unet="official subset", optimizer="official", warmup_steps=0, control_scale=0.5,
+                     proportion_empty_prompts=0.0, seed=3, gradient_checkpointing=True, precision="auto")
+    arguments.update(overrides)
+    return Train.execute(**arguments)
+
+
+@pytest.fixture
+def models_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "controlnext"
+    folder.mkdir()
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "controlnext", ([str(folder)], set()))
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+    return folder
+
+
+@pytest.fixture(scope="module", params=["sd15", "sdxl"])
+def trained(request):
+    family = request.param
+    model = tiny_model(family)
+    before = sample(model, family)
+    result = run_train(family, steps=2, model=model)
+    return family, model, before, result
+
+
+def test_training_leaves_the_input_model_as_it_was(trained):
+    family, model, before, _ = trained
+    assert torch.equal(sample(model, family), before)
+
+
+def test_outputs_apply_and_carry_the_trained_unet_as_patches(trained):
+    family, model, before, result = trained
+    file, patched, loss = result.result
+    assert len(loss["loss"]) == 2 and all(np.isfinite(loss["loss"]))
+    assert file.layout == "base" and file.encoder.control_scale == 0.5
+    expected = {"sd15": "to_out", "sdxl": "attn2"}[family]
+    assert file.unet_file_weights and all(expected in name for name in file.unet_file_weights)
+    patches = patched.get_key_patches("diffusion_model.")
+    assert sum(len(entries) > 1 for entries in patches.values()) == len(file.unet_file_weights)
+    controlled = sample(apply(patched, file, squares()[1][:1]), family)
+    assert torch.isfinite(controlled).all() and not torch.equal(controlled, before)
+
+
+def test_saved_files_load_back_bit_identical(trained, models_folder):
+    family, model, _, result = trained
+    file, patched, _ = result.result
+    folder = Save.execute(file, "mine/run1", False).result[0]
+    assert sorted(os.listdir(folder)) == ["controlnet.safetensors", "unet.safetensors"]
+    loaded_file = loaders.LoadControlNeXt.execute("mine/run1/controlnet.safetensors").result[0]
+    loaded_model = loaders.LoadControlNeXtUNetWeights.execute(model, "mine/run1/unet.safetensors", 1.0, "auto").result[0]
+    image = squares()[1][:1]
+    assert torch.equal(sample(apply(loaded_model, loaded_file, image), family),
+                       sample(apply(patched, file, image), family))
+    with pytest.raises(host.core.ControlNeXtError, match="already exists"):
+        Save.execute(file, "mine/run1", False)
+    with pytest.raises(host.core.ControlNeXtError, match="not a folder name"):
+        Save.execute(file, "../outside", False)
+
+
+def test_loss_falls_over_a_run():
+    """Against an untrained run on the same draws (noise, timesteps, batches: one seed), the loss of a
+    shallow SDXL UNet learning the squares falls step after step."""
+    def losses(lr):
+        return np.array(run_train("sdxl", steps=12, encoder_lr=lr, unet_lr=lr, gradient_checkpointing=False,
+                                  seed=1).result[2]["loss"])
+
+    ratio = losses(2e-3) / losses(0.0)
+    assert ratio[0] == 1.0  # the first step's loss comes before any update
+    assert ratio[-4:].mean() < 0.98 and ratio[-4:].mean() < ratio[1:5].mean(), ratio
+
+
+def test_cancel_stops_cleanly_and_keeps_what_was_trained(monkeypatch):
+    calls = []
+
+    def interrupted_after_two():
+        calls.append(1)
+        return len(calls) > 2
+
+    monkeypatch.setattr(comfy.model_management, "processing_interrupted", interrupted_after_two)
+    cleared = []
+    monkeypatch.setattr(comfy.model_management, "interrupt_current_processing", lambda value=True: cleared.append(value))
+    result = run_train("sd15", steps=10)
+    file, _, loss = result.result
+    assert len(loss["loss"]) == 2 and cleared == [False]
+    assert "Cancelled after 2 of 10 steps" in result.ui["controlnext_info"][0]
+    assert file.metadata["steps"] == "2"
+
+
+def test_divergence_stops_and_keeps_the_last_good_step():
+    result = run_train("sd15", steps=6, encoder_lr=1e30, unet_lr=1e30, optimizer="adamw")
+    file, _, loss = result.result
+    message = result.ui["controlnext_info"][0]
+    assert "at step" in message and "kept the weights of step" in message
+    assert all(torch.isfinite(p).all() for p in file.encoder.parameters())
+    assert len(loss["loss"]) < 6
+
+
+def test_continue_from_a_trained_encoder_leaves_it_unchanged(trained):
+    family, _, _, result = trained
+    file = result.result[0]
+    weights = {k: v.clone() for k, v in file.encoder.state_dict().items()}
+    continued = run_train(family, steps=2, controlnext=file).result[0]
+    assert all(torch.equal(weights[k], v) for k, v in file.encoder.state_dict().items())
+    assert not torch.equal(continued.encoder.state_dict()["mid_convs.1.weight"], weights["mid_convs.1.weight"])
+
+
+@pytest.mark.parametrize("case,overrides,message", [
+    ("counts", {"control_images": squares(3)[1]}, "3 control images for 4 training latents"),
+    ("conditionings", {"positive": conditioning("sd15", 1) * 3}, "3 conditionings for 4 latents"),
+    ("empty prompts", {"proportion_empty_prompts": 0.2}, "connect the checkpoint's CLIP"),
+    ("mid layout", {"controlnext": "mid"}, "does not train"),
+])
+def test_bad_inputs_are_named(tmp_path, case, overrides, message):
+    if overrides.get("controlnext") == "mid":
+        overrides = {"controlnext": host.loaded(tmp_path, "mid")}
+    with pytest.raises(host.core.ControlNeXtError, match=message):
+        run_train("sd15", steps=1, **overrides)
+
+
+def test_svd_models_are_refused():
+    with pytest.raises(host.core.ControlNeXtError, match="trains on SD1.5 and SDXL"):
+        run_train("sd15", steps=1, model=tiny_model("svd"))
+
+
+def test_control_images_of_another_size_are_resized():
+    latents, images = squares()
+    small = torch.nn.functional.interpolate(images.movedim(-1, 1), size=(48, 48)).movedim(1, -1)
+    assert len(run_train("sd15", steps=1, control_images=small).result[2]["loss"]) == 1
+
+
+def test_load_training_pictures_reads_captions_and_crops(tmp_path, monkeypatch):
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    Image.fromarray(np.full((40, 80, 3), 200, np.uint8)).save(folder / "a.png")
+    Image.fromarray(np.full((64, 64, 3), 10, np.uint8)).save(folder / "b.jpg")
+    (folder / "a.txt").write_text("a red square\n", encoding="utf-8")
+    (folder / "notes.md").write_text("not a picture")
+
+    class FakeClip:
+        texts = []
+
+        def tokenize(self, text):
+            self.texts.append(text)
+            return text
+
+        def encode_from_tokens(self, tokens, return_pooled=False):
+            return torch.full((1, 77, 8), float(len(tokens))), torch.zeros(1, 8)
+
+    clip = FakeClip()
+    images, positive, count = train_nodes.LoadTrainingPictures.execute(str(folder), clip, 64, "default").result
+    assert images.shape == (2, 64, 64, 3) and count == 2 and len(positive) == 2
+    assert clip.texts == ["a red square", "default"]
+    assert abs(float(images[0].mean()) - 200 / 255) < 1e-3
+    with pytest.raises(host.core.ControlNeXtError, match="holds no pictures"):
+        train_nodes.LoadTrainingPictures.execute(str(tmp_path), clip, 64, "")
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_gradient_checkpointing_gives_the_same_steps_on_weights_loaded_in_inference_mode(family):
+    """ComfyUI loads checkpoints under torch.inference_mode. The backward pass recomputes each layer
+    with the trained UNet weights the forward pass used, so checkpointing changes no step."""
+    with torch.inference_mode():
+        model = tiny_model.__wrapped__(family)  # not the cached one: training replaces its inference tensors
+    (plain, _, plain_loss), (checkpointed, _, checkpointed_loss) = (
+        run_train(family, steps=2, model=model, gradient_checkpointing=enabled, precision="fp32").result
+        for enabled in (False, True))
+    assert checkpointed_loss["loss"] == pytest.approx(plain_loss["loss"], rel=1e-5)
+    assert plain.unet_file_weights.keys() == checkpointed.unet_file_weights.keys()
+    assert all(torch.allclose(checkpointed.unet_file_weights[name], weight, atol=1e-6)
+               for name, weight in plain.unet_file_weights.items())
+    if family == "sdxl":  # the release holds deltas: the trained UNet weights moved
+        assert any(weight.abs().max() > 0 for weight in plain.unet_file_weights.values())

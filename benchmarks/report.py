@@ -168,7 +168,7 @@ def markdown(summary: dict) -> str:
                   f"| depth (pipeline) | {depth['frames']} × {depth['size']}² | {depth['ms_per_frame']:.1f} ms | "
                   f"{depth['fps']:.1f} | tiny Depth Anything: Depth-Anything-V2-Small's network time comes on top |"]
     if summary.get("targets"):
-        lines += ["", "| target (issue 4) | side by side | limit | met | in-call | limit | met |",
+        lines += ["", "| target | side by side | limit | met | in-call | limit | met |",
                   "|---|---|---|---|---|---|---|"]
         for row in summary["targets"]:
             in_call = "| – | – | – |"

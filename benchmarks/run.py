@@ -8,7 +8,7 @@ Runs, each in its own process (one model family in memory at a time):
   parameter counts, FLOP floors (torch's counter) and the extra peak memory of each;
 - refresh.py: how far the refresh-every-k mode moves a result from the exact mode (tiny models);
 - preprocess_throughput.py: canny batched vs a cv2 loop, DWPose and depth per frame.
-Prints the tables and the targets of issue 4, writes benchmarks/results/benchmark.json, .md
+Prints the tables and the targets (README, "Benchmarks"), writes benchmarks/results/benchmark.json, .md
 and .png. ``--quick`` runs everything on the tests' shallow models at 64x64 (a smoke run).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""UNet weights shipped with some releases, as reversible weight patches (spec §3).
+"""UNet weights shipped with some releases, as reversible weight patches (README, "Models").
 
 SDXL releases ship deltas (``unet_weight_increasements``: added to the base weights, so they
 work on any SDXL fine-tune); SD1.5 releases ship a subset of full weights and SVD-v2 a whole

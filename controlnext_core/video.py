@@ -1,4 +1,4 @@
-"""Long videos the way the official ControlNeXt-SVD-v2 pipeline samples them (spec §4).
+"""Long videos the way the official ControlNeXt-SVD-v2 pipeline samples them.
 
 Windows of ``window`` frames overlapping by ``overlap``; in each window the first frame's
 control is replaced by the video's first-frame control; a window's results count for all its

@@ -6,7 +6,7 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
-from ..controlnext_core import ControlNeXtError, load_encoder, load_state_dict_file
+from ..controlnext_core import ControlNeXtError, load_encoder_file, load_state_dict_file
 from ..controlnext_core.families import DEFAULT_FAMILY, FAMILY_NAMES, LAYOUT_DESCRIPTIONS
 from ..controlnext_core.unet_weights import MODES, OFFICIAL_MODE, unet_weight_patches
 from .patch import ControlNeXtControlNet, ControlNeXtFile, model_family, model_type_name
@@ -68,8 +68,9 @@ class LoadControlNeXt(io.ComfyNode):
 
     @classmethod
     def execute(cls, controlnext_name: str) -> io.NodeOutput:
-        encoder = load_encoder(load_state_dict_file(resolve(controlnext_name)))
-        file = ControlNeXtFile(controlnext_name, encoder)
+        path = resolve(controlnext_name)
+        encoder, metadata = load_encoder_file(path)
+        file = ControlNeXtFile(controlnext_name, encoder, metadata)
         params = sum(p.numel() for p in encoder.parameters())
         summary = (f"Encoder for {FAMILY_NAMES[DEFAULT_FAMILY[file.layout]]} models (the published releases of its "
                    f"kind), {params / 1e6:.2f} M parameters")
@@ -79,23 +80,27 @@ class LoadControlNeXt(io.ComfyNode):
 
 def patch_unet_weights(model, unet_name: str, strength: float, mode: str):
     """A clone of ``model`` with a release's UNet file as patches; the input is untouched."""
-    family = model_family(model.model)
-    if family is None:
+    if model_family(model.model) is None:
         raise ControlNeXtError(
             f"'{unet_name}': ControlNeXt UNet weights apply to SD1.5, SDXL and SVD models; this is a "
             f"{model_type_name(model.model)} model.")
     path = resolve(unet_name)
-    patched = model.clone()
     if strength == 0:
-        return patched
-    file_weights = load_state_dict_file(path)
+        return model.clone()
+    return patch_unet_weights_from(model, load_state_dict_file(path), unet_name, strength, mode)
+
+
+def patch_unet_weights_from(model, file_weights: dict, label: str, strength: float, mode: str):
+    """``patch_unet_weights`` for weights in memory (a file's, or Train ControlNeXt's in the same names)."""
+    family = model_family(model.model)
     if mode == "auto":
         mode = OFFICIAL_MODE[family]
     originals = {key: entries[0][0] for key, entries in model.get_key_patches("diffusion_model.").items()}
     try:
         patches = unet_weight_patches(file_weights, unet_key_map(model), originals, mode, strength)
     except ControlNeXtError as error:
-        raise ControlNeXtError(f"'{unet_name}' on this {FAMILY_NAMES[family]} model: {error}") from None
+        raise ControlNeXtError(f"'{label}' on this {FAMILY_NAMES[family]} model: {error}") from None
+    patched = model.clone()
     comfy_patches = {key: (value,) if kind == "add" else ("set", (value,)) for key, (kind, value) in patches.items()}
     matched = patched.add_patches(comfy_patches, strength)
     missed = sorted(set(comfy_patches) - set(matched))
@@ -112,7 +117,7 @@ class LoadControlNeXtUNetWeights(io.ComfyNode):
             display_name="Load ControlNeXt UNet Weights",
             category=CATEGORY,
             description="Applies the UNet weights of a ControlNeXt release (SDXL "
-                        "unet_weight_increasements, SD1.5 unet.safetensors, SVD-v2 unet.bin) as reversible "
+                        "unet.safetensors deltas, SD1.5 unet.safetensors, SVD-v2 unet.bin) as reversible "
                         "patches on a copy of the model.",
             inputs=[
                 io.Model.Input("model", tooltip="The model the release was trained on (SD1.5, SDXL or a fine-tune, SVD-XT 1.1)."),

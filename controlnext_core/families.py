@@ -57,6 +57,9 @@ LAYOUT_DESCRIPTIONS = {
     "svd_v1": '"SVD v1" layout (1280 channels with GroupNorm)',
 }
 
+# safetensors metadata key naming the model family a file was trained for ("sd15", "sdxl", "svd").
+METADATA_FAMILY = "family"
+
 
 def rule_for(family: str, layout: str) -> InjectionRule:
     if family not in FAMILIES:
@@ -73,6 +76,30 @@ def rule_for(family: str, layout: str) -> InjectionRule:
             f"Use a ControlNeXt release made for {FAMILY_NAMES[family]}, or a {' or '.join(served)} model."
         )
     return rule
+
+
+def mixed_up_pairing(family: str, layout: str, metadata: Mapping[str, str]) -> str | None:
+    """Why an encoder on a ``family`` model is probably the wrong file, or None.
+
+    On SD1.5 a "base" encoder goes after the UNet's first down block: right for encoders from the
+    official SD1.5 training code, wrong for the published "base" releases (SDXL, SVD-v2), whose
+    keys and shapes are the same. Only the file's metadata (``METADATA_FAMILY``) can tell them
+    apart, and the official training code writes none: warn, never refuse.
+    """
+    if (family, layout) != ("sd15", "base"):
+        return None
+    trained_for = metadata.get(METADATA_FAMILY)
+    if trained_for == "sd15":
+        return None
+    if trained_for:
+        what = (f"was made for {FAMILY_NAMES.get(trained_for, trained_for)} "
+                f"(its metadata says {METADATA_FAMILY}={trained_for})")
+    else:
+        what = "is probably an SDXL release's encoder (the published \"base\" files are SDXL and SVD-v2 releases)"
+    return (f"This file {what}. On SD1.5 a \"base\" encoder is added after the UNet's first down block, which is "
+            f"right only for encoders trained for SD1.5 with the official SD1.5 training code. Use this file with "
+            f"the model it was made for, or an SD1.5 release (\"mid\" layout) here; if it was trained for SD1.5, "
+            f"the pairing is right (files whose safetensors metadata says {METADATA_FAMILY}=sd15 are not flagged).")
 
 
 def injection_block(rule: InjectionRule, num_res_blocks: list[int]) -> tuple[str, int]:

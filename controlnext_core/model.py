@@ -5,6 +5,7 @@ import contextlib
 import logging
 import os
 import pickle
+import re
 from typing import Mapping
 
 import torch
@@ -78,8 +79,9 @@ def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as error:
             raise ControlNeXtError(
-                f"Refused to load '{name}': it is a pickle holding more than plain tensors, and unpickling it "
-                f"could run code ({str(error).splitlines()[0]}). Use a .safetensors copy of the model."
+                f"Refused to load '{name}' (in {os.path.dirname(os.path.abspath(path))}): it is a pickle holding "
+                f"more than plain tensors, and unpickling it could run code{_what_the_pickle_calls(error)}. Do not "
+                f"load it by other means: delete it and use a .safetensors copy of the model from its release."
             ) from None
         except Exception as error:
             raise ControlNeXtError(
@@ -90,6 +92,27 @@ def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
             or not all(isinstance(v, torch.Tensor) for v in state_dict.values())):
         raise ControlNeXtError(f"'{name}' does not hold a flat dictionary of named tensors, so it is not a model file.")
     return dict(state_dict)
+
+
+def _what_the_pickle_calls(error: pickle.UnpicklingError) -> str:
+    """The function a refused pickle names (torch's own message also advises the unsafe loader,
+    which the pack never repeats)."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(error))
+    return f" (it imports {found.group(1)})" if found else ""
+
+
+def read_file_metadata(path: str) -> dict[str, str]:
+    """The metadata in a safetensors file's header (``families.METADATA_FAMILY`` among them); {} for
+    pickles, which carry none, and for a damaged file (``load_state_dict_file`` says what is wrong)."""
+    if not _looks_like_safetensors(path, os.path.getsize(path)):
+        return {}
+    import safetensors
+
+    try:
+        with safetensors.safe_open(path, framework="pt", device="cpu") as file:
+            return dict(file.metadata() or {})
+    except Exception:  # safetensors raises its own error types for damaged headers
+        return {}
 
 
 def _first_bytes(path: str) -> bytes:

@@ -55,15 +55,18 @@ class ApplyControlNeXt(io.ComfyNode):
         patch = make_patch(controlnext, model.model, model.get_model_object("model_sampling"),
                            control_image_from_comfy(image), strength, (start_percent, end_percent), mask,
                            refresh_every=refresh_every)
-        return io.NodeOutput(attach(model, patch), ui=applied_ui(cls, patch, image, strength))
+        warning = controlnext.pairing_warning(patch.controlnext.family)
+        return io.NodeOutput(attach(model, patch), ui=applied_ui(cls, patch, image, strength, warning))
 
 
-def applied_ui(cls, patch, image, strength: float) -> dict:
+def applied_ui(cls, patch, image, strength: float, warning: str | None) -> dict:
     """What the editor shows on the node after a run: where the control acted, in words (the exact
-    injection point and block as the text's tooltip), and a preview of the control image it received."""
+    injection point and block as the text's tooltip), a warning when the file is probably not made
+    for this model, and a preview of the control image it received."""
     controlnext = patch.controlnext
     summary = (f"{FAMILY_NAMES[controlnext.family]} model, strength {strength:g}: acts where the release was "
                f"trained to, {POINT_WORDS[controlnext.rule.point]}")
     detail = (f"{controlnext.rule.point} = ComfyUI {patch.block[0]} block {patch.block[1]}; "
               f"{LAYOUT_DESCRIPTIONS[controlnext.layout]}")
-    return {"controlnext_info": [summary], "controlnext_detail": [detail], **ui.PreviewImage(image, cls=cls).as_dict()}
+    lines = [summary] + ([f"Warning: {warning}"] if warning else [])
+    return {"controlnext_info": lines, "controlnext_detail": [detail], **ui.PreviewImage(image, cls=cls).as_dict()}

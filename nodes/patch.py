@@ -3,7 +3,10 @@ ControlNeXt) and the CONTROL_NET route (ComfyUI's Apply ControlNet), so both giv
 """
 from __future__ import annotations
 
+import copy
+import logging
 import weakref
+from typing import Mapping
 
 import torch
 
@@ -12,9 +15,10 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.patcher_extension
 
-from ..controlnext_core import ControlNeXt, ControlNeXtError, add_unit_control, bind, injection_block, injection_channels, resize_control, unit_control
+from ..controlnext_core import (ControlNeXt, ControlNeXtError, add_unit_control, bind, injection_block,
+                                injection_channels, resize_control, unit_control)
 from ..controlnext_core.encoders import ConditionEncoder
-from ..controlnext_core.families import FAMILY_NAMES, LAYOUT_DESCRIPTIONS
+from ..controlnext_core.families import FAMILY_NAMES, LAYOUT_DESCRIPTIONS, mixed_up_pairing
 from ..controlnext_core.video import resample_frames
 
 # ComfyUI model config class (or a base class of it) -> ControlNeXt family.
@@ -28,6 +32,8 @@ FRAME_POLICIES = ("error", "resample")
 # transformer_options key of this model call's sigmas as floats: (the sigmas tensor, its values)
 STEP_SIGMAS = "controlnext_step_sigmas"
 WRAPPER_KEY = "controlnext"
+
+log = logging.getLogger("ControlNeXt")
 
 
 def model_type_name(base_model) -> str:
@@ -45,15 +51,32 @@ def model_family(base_model) -> str | None:
 class ControlNeXtFile:
     """What Load ControlNeXt outputs: one encoder, bound to a family when applied to a model.
 
-    Immutable once built; clones of a MODEL share it.
+    Immutable once built (apart from the log-once record of its pairing warnings); clones of a
+    MODEL share it. ``metadata``: the file's safetensors metadata (``read_file_metadata``), which
+    can say what family it was trained for.
     """
 
-    def __init__(self, name: str, encoder: ConditionEncoder):
+    def __init__(self, name: str, encoder: ConditionEncoder, metadata: Mapping[str, str] | None = None,
+                 load_device: torch.device | None = None):
         self.name = name
         self.encoder = encoder
+        self.metadata = dict(metadata or {})
+        self._warned_families: set[str] = set()  # the log says it once, not at every sampling run
         self.patcher = comfy.model_patcher.ModelPatcher(
-            encoder, load_device=comfy.model_management.get_torch_device(),
+            encoder, load_device=load_device or comfy.model_management.get_torch_device(),
             offload_device=comfy.model_management.unet_offload_device())
+
+    def for_device(self, load_device: torch.device) -> "ControlNeXtFile":
+        """The same file with an encoder of its own, loaded on ``load_device`` (multi-GPU sampling).
+
+        The copy shares the layout's config: layouts are told apart by config identity."""
+        config = self.encoder.config
+        return ControlNeXtFile(self.name, copy.deepcopy(self.encoder, {id(config): config}), self.metadata, load_device)
+
+    def pairing_warning(self, family: str) -> str | None:
+        """Why this file on a ``family`` model is probably a mixed-up file (None when nothing says so)."""
+        warning = mixed_up_pairing(family, self.layout, self.metadata)
+        return None if warning is None else f"'{self.name}' on a {FAMILY_NAMES[family]} model: {warning}"
 
     @property
     def layout(self) -> str:
@@ -68,10 +91,15 @@ class ControlNeXtFile:
                 f"Diffusion models. Load one of those."
             )
         try:
-            return bind(self.encoder, family)
+            controlnext = bind(self.encoder, family)
         except ControlNeXtError as error:
             raise ControlNeXtError(f"'{self.name}' on a {FAMILY_NAMES[family]} model "
                                    f"({model_type_name(base_model)}): {error}") from None
+        warning = self.pairing_warning(family)
+        if warning is not None and family not in self._warned_families:
+            self._warned_families.add(family)
+            log.warning("ControlNeXt: %s", warning)
+        return controlnext
 
     def __deepcopy__(self, memo):
         return self
@@ -143,7 +171,12 @@ class ControlNeXtPatch:
         return self
 
     def to(self, device_or_dtype):
-        return self  # the encoder's ModelPatcher moves the weights; the patch holds none
+        """ComfyUI moves patches with the model (load, detach): the cached controls are dropped so
+        none stays on a device the model left. The encoder's ModelPatcher moves the weights."""
+        if isinstance(device_or_dtype, torch.device):
+            self._memo = None
+            self._held = {}
+        return self
 
     def models(self):
         return [self.patcher]
@@ -371,6 +404,15 @@ class ControlNeXtControlNet(comfy.controlnet.ControlBase):
     def copy(self):
         c = ControlNeXtControlNet(self.file)
         self.copy_to(c)
+        return c
+
+    def deepclone_multigpu(self, load_device, autoregister=False):
+        """ComfyUI's multi-GPU sampling (v0.33+): a copy whose encoder is its own, on ``load_device``;
+        ``autoregister`` files it among this ControlNet's per-device clones, as ComfyUI's ControlNet does."""
+        c = ControlNeXtControlNet(self.file.for_device(load_device))
+        self.copy_to(c)
+        if autoregister:
+            self.multigpu_clones[load_device] = c
         return c
 
     def cleanup(self):

@@ -125,6 +125,64 @@ def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path, monkeypatch):
     assert not os.path.exists(marker)
 
 
+def test_malicious_pickle_message_names_the_folder_and_never_the_unsafe_loader(tmp_path, monkeypatch):
+    monkeypatch.setenv("CONTROLNEXT_TEST_MARKER", os.path.join(tmp_path, "pwned"))
+    folder = os.path.join(tmp_path, "models", "controlnext")
+    os.makedirs(folder)
+    path = os.path.join(folder, "controlnet.bin")
+    torch.save({"scale": _Payload()}, path)
+    with pytest.raises(cn.ControlNeXtError) as error:
+        cn.load_state_dict_file(path)
+    message = str(error.value)
+    assert f"'controlnet.bin' (in {folder})" in message and f"(it imports {os.mkdir.__module__}.mkdir)" in message
+    assert "weights_only" not in message and "False" not in message
+
+
+# --- which family a "base" file was made for --------------------------------------------------
+
+RELEASE_LIKE = "is probably an SDXL release's encoder (the published \"base\" files are SDXL and SVD-v2 releases)"
+
+
+@pytest.mark.parametrize("family,layout,metadata,warned", [
+    ("sd15", "base", {}, RELEASE_LIKE),
+    ("sd15", "base", {"format": "pt"}, RELEASE_LIKE),
+    ("sd15", "base", {"family": "sdxl"}, "was made for SDXL (its metadata says family=sdxl)"),
+    ("sd15", "base", {"family": "sd15"}, None),  # trained for SD1.5 (the official SD1.5 training code's layout)
+    ("sdxl", "base", {}, None),
+    ("svd", "base", {}, None),
+    ("sd15", "mid", {}, None),
+])
+def test_a_base_file_on_sd15_is_flagged_unless_made_for_sd15(family, layout, metadata, warned):
+    warning = cn.families.mixed_up_pairing(family, layout, metadata)
+    if warned is None:
+        assert warning is None
+    else:
+        assert warning.startswith(f"This file {warned}. On SD1.5 a \"base\" encoder is added after the UNet's first "
+                                  f"down block, which is right only for encoders trained for SD1.5 with the official "
+                                  f"SD1.5 training code.")
+        assert "safetensors metadata says family=sd15 are not flagged" in warning
+
+
+def test_file_metadata_is_read_from_safetensors_and_empty_for_pickles(tmp_path):
+    state_dict = random_encoder_state_dict("base")
+    path = os.path.join(tmp_path, "controlnet.safetensors")
+    safetensors.torch.save_file(state_dict, path, metadata={"family": "sd15", "layout": "base"})
+    assert cn.read_file_metadata(path) == {"family": "sd15", "layout": "base"}
+    renamed = os.path.join(tmp_path, "controlnet.bin")  # a safetensors file is read as one, whatever its name
+    os.rename(path, renamed)
+    assert cn.read_file_metadata(renamed) == {"family": "sd15", "layout": "base"}
+    assert cn.read_file_metadata(save(tmp_path, state_dict, "controlnext.bin")) == {}
+    assert cn.read_file_metadata(save(tmp_path, state_dict, "plain.safetensors")) == {}
+    with open(renamed, "rb") as file:
+        whole = file.read()
+    truncated = os.path.join(tmp_path, "truncated.safetensors")
+    with open(truncated, "wb") as file:
+        file.write(whole[: len(whole) // 3])
+    assert cn.read_file_metadata(truncated) == {}  # the loader, not the metadata read, reports the damage
+    with pytest.raises(cn.ControlNeXtError, match="'truncated.safetensors' is not a readable safetensors file"):
+        cn.load_state_dict_file(truncated)
+
+
 def _foreign(kind):
     t = torch.zeros(4, 4)
     return {

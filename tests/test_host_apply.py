@@ -2,17 +2,21 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
+import safetensors.torch
 import torch
 
 import host  # skips this module without a ComfyUI host
 from host import apply, assert_close, conditioning, control_image, count_encoder_runs, loaded, sample, tiny_model
 
+import comfy.controlnet
 import comfy.model_management
 import comfy.model_patcher
 import comfy.patcher_extension
 import comfy.supported_models
+import folder_paths
 import nodes as comfy_nodes
 
 FAMILY_LAYOUTS = [("sd15", "mid"), ("sd15", "base"), ("sdxl", "base")]
@@ -257,3 +261,100 @@ def test_control_image_conversions(tmp_path):
         convert(torch.rand(1, 16, 16, 2))
     with pytest.raises(host.core.ControlNeXtError, match="N >= 1"):
         convert(torch.rand(0, 16, 16, 3))
+
+
+# --- a "base" file on SD1.5: the SDXL releases' layout, right only for SD1.5-trained files ----
+
+@pytest.fixture
+def models_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "controlnext"
+    folder.mkdir()
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "controlnext", ([str(folder)], set()))
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+    return folder
+
+
+def load_node(folder, name: str, metadata: dict | None = None):
+    """A "base" file as Load ControlNeXt reads it from the models folder."""
+    safetensors.torch.save_file(host.random_encoder_state_dict("base"), str(folder / name), metadata=metadata)
+    return host.loaders.LoadControlNeXt.execute(name).result
+
+
+RELEASE_WARNING = ("Warning: 'sdxl_release.safetensors' on a SD1.5 model: This file is probably an SDXL release's "
+                   "encoder (the published \"base\" files are SDXL and SVD-v2 releases). On SD1.5")
+
+
+def test_an_sdxl_like_base_file_on_sd15_is_warned_on_the_node_and_in_the_log(models_folder, caplog):
+    release, _ = load_node(models_folder, "sdxl_release.safetensors")
+    trained, trained_cnet = load_node(models_folder, "trained_sd15.safetensors", {"family": "sd15", "layout": "base"})
+    image = control_image()
+    with caplog.at_level(logging.WARNING, logger="ControlNeXt"):
+        info = host.apply_module.ApplyControlNeXt.execute(tiny_model("sd15"), release, image, 1.0, 0.0, 1.0).ui
+    assert info["controlnext_info"][1].startswith(RELEASE_WARNING)
+    assert [r.getMessage() for r in caplog.records] == [f"ControlNeXt: {info['controlnext_info'][1][len('Warning: '):]}"]
+    caplog.clear()
+    _, release_cnet = load_node(models_folder, "sdxl_release.safetensors")  # loaded again: not yet warned
+    with caplog.at_level(logging.WARNING, logger="ControlNeXt"):  # the CONTROL_NET route: the log, once per file
+        for _ in range(2):
+            positive, negative = comfy_nodes.ControlNetApplyAdvanced().apply_controlnet(
+                conditioning("sd15", 1), conditioning("sd15", 2), release_cnet, image, 1.0, 0.0, 1.0)
+            sample(tiny_model("sd15"), "sd15", positive=positive, negative=negative)
+    assert [r.getMessage() for r in caplog.records] == [f"ControlNeXt: {info['controlnext_info'][1][len('Warning: '):]}"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ControlNeXt"):  # the legitimate pairings: not a word
+        for file, model in ((trained, tiny_model("sd15")), (release, tiny_model("sdxl"))):
+            assert len(host.apply_module.ApplyControlNeXt.execute(model, file, image, 1.0, 0.0, 1.0)
+                       .ui["controlnext_info"]) == 1
+        positive, negative = comfy_nodes.ControlNetApplyAdvanced().apply_controlnet(
+            conditioning("sd15", 1), conditioning("sd15", 2), trained_cnet, image, 1.0, 0.0, 1.0)
+        sample(tiny_model("sd15"), "sd15", positive=positive, negative=negative)
+    assert caplog.records == []
+
+
+# --- lifecycle under ComfyUI's memory management and multi-GPU sampling ----------------------
+
+def test_the_patch_drops_its_cached_controls_when_comfyui_unloads_the_model(tmp_path):
+    model = tiny_model("sd15")
+    file = loaded(tmp_path, "mid")
+    patched = host.apply_module.ApplyControlNeXt.execute(model, file, control_image(), 1.0, 0.0, 1.0,
+                                                         refresh_every=2).result[0]
+    (patch,) = patched.model_options["transformer_options"]["patches"]["output_block_patch"]
+    first = sample(patched, "sd15", steps=3)
+    assert patch._memo is not None and patch._held  # the last unit controls are cached...
+    comfy.model_management.unload_all_models()  # ...until ComfyUI detaches the model (model_patches_to)
+    assert patch._memo is None and patch._held == {}
+    assert torch.equal(sample(patched, "sd15", steps=3), first)
+
+
+multigpu_host = pytest.mark.skipif(not hasattr(comfy.controlnet.ControlBase, "deepclone_multigpu"),
+                                   reason="this ComfyUI has no multi-GPU sampling (ControlBase.deepclone_multigpu)")
+
+
+@multigpu_host
+def test_multi_gpu_sampling_runs_an_independent_copy_of_the_control_net_on_each_device(tmp_path, monkeypatch):
+    model = tiny_model("sd15")
+    file = loaded(tmp_path, "mid")
+    positive, negative = controlnet_route("sd15", file, control_image(), strength=0.8)
+    reference = sample(model, "sd15", positive=positive, negative=negative, batch=2)
+    # ComfyUI's multi-GPU nodes give the model a clone per extra device; a second CPU device stands in for a GPU
+    extra_device = torch.device("cpu", 0)
+    extra = model.clone()
+    extra.load_device, extra.is_multigpu_base_clone = extra_device, True
+    multigpu = model.clone()
+    multigpu.set_additional_models("multigpu", [extra])
+    assert_close(sample(multigpu, "sd15", positive=positive, negative=negative, batch=2), reference)
+    control = positive[0][1]["control"]
+    clone = control.multigpu_clones[extra_device]  # made by ComfyUI with deepclone_multigpu(autoregister=True)
+    assert type(clone) is type(control) and clone.file.patcher.load_device == extra_device
+    assert clone.file.encoder is not control.file.encoder and clone.file.name == control.file.name
+    assert (clone.strength, clone.timestep_percent_range) == (control.strength, control.timestep_percent_range)
+    # each device encodes with its own copy, once per step
+    runs, clone_runs = count_encoder_runs(control.file, monkeypatch), count_encoder_runs(clone.file, monkeypatch)
+    assert_close(sample(multigpu, "sd15", positive=positive, negative=negative, batch=2), reference)
+    assert len(runs) == len(clone_runs) == 2
+    # independent: the copy's weights are its own
+    with torch.no_grad():
+        clone.file.encoder.mid_convs[1].weight.mul_(-1.0)
+    changed = sample(multigpu, "sd15", positive=positive, negative=negative, batch=2)
+    assert (changed - reference).abs().max() > 1e-3 * reference.abs().max()
+    assert torch.equal(sample(model, "sd15", positive=positive, negative=negative, batch=2), reference)

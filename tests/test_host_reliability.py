@@ -261,6 +261,32 @@ def test_names_outside_the_models_folders_never_resolve(models_folder):
     assert "secret.safetensors" not in host.loaders.model_files()
 
 
+
+class _Payload:
+    """Unpickling this creates a marker directory (what a hostile file would do instead)."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_a_hostile_pickle_is_refused_naming_its_folder_and_never_the_unsafe_loader(models_folder, tmp_path):
+    folder = models_folder / "controlnet"
+    marker = tmp_path / "pwned"
+    torch.save({"mid_convs.1.weight": _Payload(str(marker))}, str(folder / "hostile_encoder.bin"))
+    try:
+        with pytest.raises(ControlNeXtError) as error:
+            host.loaders.LoadControlNeXt.execute("hostile_encoder.bin")
+    finally:
+        os.remove(folder / "hostile_encoder.bin")
+    assert str(error.value) == (
+        f"Refused to load 'hostile_encoder.bin' (in {folder}): it is a pickle holding more than plain tensors, and "
+        f"unpickling it could run code (it imports {os.mkdir.__module__}.mkdir). Do not load it by other means: "
+        f"delete it and use a .safetensors copy of the model from its release.")
+    assert not marker.exists()
+
 # --- control inputs ------------------------------------------------------------------------
 # Sampled on the cheap two-level UNets with the "base" layout: SD1.5 pools then normalises at
 # ("input", 2), SDXL normalises then pools at ("input", 0), so both orders are exercised.

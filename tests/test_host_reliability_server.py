@@ -78,7 +78,7 @@ def bad_files(marker: str) -> dict[str, bytes]:
 FOREIGN = ("This file is {}, not a ControlNeXt condition encoder (found 2 tensors, first keys: {}; expected keys such "
            "as 'time_embedding.linear_1.weight' and 'mid_convs.1.weight'). Load the encoder file of a ControlNeXt "
            "release (often named controlnet.safetensors).")
-EXPECTED = {  # exact message, or (start, end) of one that quotes a library's own error text
+EXPECTED = {  # exact message, or (start, end) of one that quotes a library's error text or a temporary folder
     "control_v11p_sd15_canny.safetensors": FOREIGN.format(
         "an ordinary ControlNet", "control_model.input_hint_block.0.weight, control_model.zero_convs.0.0.weight"),
     "sd15_checkpoint.safetensors": FOREIGN.format(
@@ -97,8 +97,9 @@ EXPECTED = {  # exact message, or (start, end) of one that quotes a library's ow
                                 "(down_res.0.conv1.bias (int32)); it is corrupt or not a ControlNeXt encoder."),
     "nan_weights.safetensors": ("The ControlNeXt file holds NaN or infinite weights (mid_convs.1.bias); it is corrupt: "
                                 "download it again."),
-    "hostile.bin": ("Refused to load 'hostile.bin': it is a pickle holding more than plain tensors, and unpickling it "
-                    "could run code (", "). Use a .safetensors copy of the model."),
+    "hostile.bin": ("Refused to load 'hostile.bin' (in ", "): it is a pickle holding more than plain tensors, and "
+                    f"unpickling it could run code (it imports {os.mkdir.__module__}.mkdir). Do not load it by other "
+                    "means: delete it and use a .safetensors copy of the model from its release."),
     "error_page.bin": ("'error_page.bin' is neither a PyTorch weights file nor a safetensors file (it starts with "
                        "b'<html><body>Rate'); it may be a failed download (an error page) or another kind of file: "
                        "download it again."),

@@ -218,9 +218,11 @@ def test_hostile_pickles_are_refused_and_nothing_runs(tmp_path, name, build):
     path = write(tmp_path, name, data)
     with pytest.raises(cn.ControlNeXtError) as error:
         cn.load_state_dict_file(path)
-    assert str(error.value).startswith(f"Refused to load '{name}': it is a pickle holding more than plain tensors, "
-                                       f"and unpickling it could run code (")
-    assert str(error.value).endswith("). Use a .safetensors copy of the model.")
+    assert str(error.value).startswith(f"Refused to load '{name}' (in {tmp_path}): it is a pickle holding more than "
+                                       f"plain tensors, and unpickling it could run code")
+    assert str(error.value).endswith(". Do not load it by other means: delete it and use a .safetensors copy of the "
+                                     "model from its release.")
+    assert "weights_only" not in str(error.value)  # torch's own message advises the unsafe loader
     assert not os.path.exists(marker)
     # and the file really would have run code with an unsafe loader
     with open(path, "rb") as file:

@@ -1,6 +1,6 @@
 """The one table of (model family, encoder layout) facts, and layout detection.
 
-Spec §2: the file alone does not say where it goes; its layout and the target model's family
+The file alone does not say where it goes; its layout and the target model's family
 together decide the injection point, the order of pooling and normalising, eps, the family
 constant and which CFG halves get control.
 """

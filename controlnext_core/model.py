@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import pickle
 import re
@@ -142,9 +143,10 @@ class ControlNeXt:
 
     @property
     def scale(self) -> float:
-        """The file's own multiplier: its learned ``scale`` or the official default 1.0."""
+        """The file's own multiplier: its learned ``scale``, else the control scale it was trained with
+        (its metadata; official files carry none and load at 1.0)."""
         if not self.encoder.config.scale_parameter:
-            return 1.0
+            return float(self.encoder.control_scale)
         raw = float(self.encoder.scale.detach().float())
         if self.rule.uncond == "v1":  # SVD v1 uses sigmoid(scale) * 1.3
             return float(torch.sigmoid(torch.tensor(raw))) * 1.3
@@ -220,8 +222,25 @@ class ControlNeXt:
         return self
 
 
-def load_encoder(state_dict: Mapping[str, torch.Tensor]) -> ConditionEncoder:
-    """The encoder module of an official state dict (strict: every key and shape), on the CPU in fp32."""
+def _control_scale(metadata: Mapping[str, str]) -> float:
+    text = metadata.get("control_scale")
+    if text is None:
+        return 1.0
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise ControlNeXtError(f"The file's metadata gives control_scale {text!r}, which is not a number: "
+                               f"the file is corrupt or was edited by hand.")
+    return value
+
+
+def load_encoder(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> ConditionEncoder:
+    """The encoder module of an official state dict (strict: every key and shape), on the CPU in fp32.
+
+    ``metadata`` (``read_file_metadata``) may give the control scale a file was trained with.
+    """
     not_tensors = [str(k) for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
     if not_tensors or not all(isinstance(k, str) for k in state_dict):
         raise ControlNeXtError(
@@ -257,8 +276,15 @@ def load_encoder(state_dict: Mapping[str, torch.Tensor]) -> ConditionEncoder:
             f"The ControlNeXt file holds NaN or infinite weights ({', '.join(bad[:3])}); it is corrupt: download it again."
         )
     encoder.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
+    encoder.control_scale = _control_scale(metadata or {})
     encoder.eval().requires_grad_(False)
     return encoder
+
+
+def load_encoder_file(path: str) -> tuple[ConditionEncoder, dict[str, str]]:
+    """An encoder file's module (with the control scale its metadata gives) and its metadata."""
+    metadata = read_file_metadata(path) if os.path.isfile(path) else {}
+    return load_encoder(load_state_dict_file(path), metadata), metadata
 
 
 def bind(encoder: ConditionEncoder, family: str | None = None) -> ControlNeXt:

@@ -41,7 +41,10 @@ WORKFLOW_IMAGES = {
     "ControlNeXt SDXL Canny + UNet": ("Photo",),
     "ControlNeXt SD1.5 + ControlNet": ("Depth Map", "Photo"),
     "ControlNeXt SVD Pose Video": ("Reference", "Driving Video"),
+    "ControlNeXt SD1.5 Training": ("Test Photo",),
+    "ControlNeXt SDXL Training": ("Test Photo",),
 }
+TRAINING_PICTURES = "controlnext_training"  # the folder in input/ the training templates read
 DRIVING_FRAMES = 6
 
 
@@ -59,6 +62,10 @@ SMALL_VIDEO = settings("Reference at Video Size.width=64", "Reference at Video S
 # Per workflow: the settings that make it small, its sampler's title and the frames it saves.
 RUNS = {name: (SMALL, "KSampler", 1) for name in WORKFLOW_IMAGES}
 RUNS["ControlNeXt SVD Pose Video"] = (SMALL_VIDEO, "SamplerCustomAdvanced", DRIVING_FRAMES)
+for _training in ("ControlNeXt SD1.5 Training", "ControlNeXt SDXL Training"):
+    RUNS[_training] = (SMALL + settings("Training Pictures.resolution=64", "Train ControlNeXt.steps=2",
+                                        "Train ControlNeXt.batch_size=2", "Save ControlNeXt.overwrite=true"),
+                       "KSampler", 1)
 SAVE_NODES = ("SaveImage", "SaveAnimatedWEBP")
 MODEL_INPUTS = ("ckpt_name", "controlnext_name", "unet_name", "control_net_name", "detector_model", "pose_model",
                 "depth_model")
@@ -68,6 +75,7 @@ MODEL_INPUTS = ("ckpt_name", "controlnext_name", "unet_name", "control_net_name"
 def server(tmp_path_factory):
     base = make_base_directory(str(tmp_path_factory.mktemp("workflows_base")))
     install_official_model_files(base)
+    install_training_pictures(os.path.join(base, "input", TRAINING_PICTURES))
     running = ComfyServer(base).start()
     yield running
     running.stop()
@@ -85,12 +93,23 @@ def images(tmp_path_factory) -> dict[str, str]:
               for _ in range(1 + DRIVING_FRAMES)]
     paths = {"Depth Map": str(folder / "depth_in.png"), "Photo": str(folder / "photo_in.png"),
              "Reference": str(folder / "photo_in.png"), "Driving Video": str(folder / "dance.webp"),
-             "Mask": str(folder / "mask_in.png")}
+             "Mask": str(folder / "mask_in.png"), "Test Photo": str(folder / "photo_in.png")}
     Image.fromarray(depth).save(paths["Depth Map"])
     Image.fromarray(np.where(depth > 64, 255, 0).astype(np.uint8)).save(paths["Mask"])
     blocks[0].save(paths["Photo"])
     blocks[1].save(paths["Driving Video"], save_all=True, append_images=blocks[2:], duration=125, loop=0)
     return paths
+
+
+def install_training_pictures(folder: str, count: int = 3) -> None:
+    """Pictures of a bright block on a dark ground, one with a caption file beside it."""
+    os.makedirs(folder, exist_ok=True)
+    for index in range(count):
+        picture = np.full((80, 96, 3), 30, np.uint8)
+        picture[10 + 10 * index:50 + 10 * index, 20:60] = (220, 180, 40)
+        Image.fromarray(picture).save(os.path.join(folder, f"picture_{index}.png"))
+    with open(os.path.join(folder, "picture_0.txt"), "w", encoding="utf-8") as file:
+        file.write("a yellow block on a dark ground")
 
 
 def queue(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:

@@ -225,6 +225,19 @@ def video_strip() -> np.ndarray:
 
 
 # Template name -> (its pictures, one line on what it does).
+def training_pair(painting) -> list[np.ndarray]:
+    """Left: your pictures over their edges (what training learns from); right: a picture the trained
+    ControlNeXt draws from new edges."""
+    tile = (PANEL[0] // 2, PANEL[1] // 3)
+    pictures = [stone_tower(tile)[0], lava_tower(tile)[0], anime_portrait(tile, False)]
+    grid = np.zeros((PANEL[1], PANEL[0], 3), np.uint8)
+    for row, picture in enumerate(pictures):
+        grid[row * tile[1]:(row + 1) * tile[1], :tile[0]] = picture
+        grid[row * tile[1]:(row + 1) * tile[1], tile[0]:] = pixels(canny(batch(picture)))
+    result = painting(PANEL)
+    return [grid, result[0] if isinstance(result, tuple) else result]
+
+
 TEMPLATES = {
     "ControlNeXt SD1.5 Depth": (depth_pair, "The depth of your photo shapes a new picture"),
     "ControlNeXt SD1.5 Mask": (mask_pair, "Dresses a person where your mask is white"),
@@ -232,6 +245,9 @@ TEMPLATES = {
     "ControlNeXt SDXL Canny + UNet": (lambda: canny_pair(True), "Tighter control: the release's UNet weights added"),
     "ControlNeXt SD1.5 + ControlNet": (stacked_pair, "Depth by ControlNeXt, edges by a ControlNet"),
     "ControlNeXt SVD Pose Video": (video_strip, "Your picture dances the moves of a video"),
+    "ControlNeXt SD1.5 Training": (lambda: training_pair(stone_tower), "Train your own control on your pictures (SD1.5)"),
+    "ControlNeXt SDXL Training": (lambda: training_pair(lambda size: anime_portrait(size, True)),
+                                  "Train your own control on your pictures (SDXL)"),
 }
 
 

@@ -6,6 +6,8 @@
  * - Apply ControlNeXt: the model family and where the control acted, in words; the exact
  *   injection point and block in the tooltip. ComfyUI itself shows the preview of the control
  *   image the node received (its "images" output).
+ * - Train / Save ControlNeXt: how training ended (all steps, cancelled, or stopped where the loss
+ *   diverged) and where the files were written.
  * - A ControlNeXt node that failed (say, an SD1.5 file on an SDXL model): the error message,
  *   in red on the node, not only in a dialog or the console.
  * - Before a run the status takes no room: these nodes open (and load from a saved workflow) at
@@ -19,7 +21,8 @@ import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const CATEGORY = "ControlNeXt"; // the pack's node menu, and the start of its submenus
-const NODE_TYPES = new Set(["ControlNeXtLoader", "ControlNeXtApply", "ControlNeXtUNetWeights"]);
+const NODE_TYPES = new Set(["ControlNeXtLoader", "ControlNeXtApply", "ControlNeXtUNetWeights", "ControlNeXtTrain",
+  "ControlNeXtSave"]);
 const STATUS_WIDGET = "controlnext_status";
 const LINE_HEIGHT = 15; // px, for the 12px monospace text below
 const CHAR_WIDTH = 7.8; // a little wider than a glyph: lines wrap at word ends

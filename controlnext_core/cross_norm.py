@@ -55,17 +55,20 @@ def add_unit_control(
     rule: InjectionRule,
     strength: float | torch.Tensor,
     mask: torch.Tensor | None = None,
+    statistics_of: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``h + (unit * sd_h + mu_h) * strength * k`` with fp32 statistics; never writes its inputs.
 
     ``unit`` has batch 1 or ``hidden``'s; ``strength`` is a float or a per-row tensor;
-    ``mask`` [1 or B, H', W'] in [0,1] limits where control acts (resized to ``hidden``).
+    ``mask`` [1 or B, H', W'] in [0,1] limits where control acts (resized to ``hidden``);
+    ``statistics_of``: take sd_h and mu_h from this tensor instead of ``hidden`` (the UNet's own
+    hidden state, when another control was already added to ``hidden`` at the same block).
     """
     if not torch.is_tensor(strength) and strength == 0:
         return hidden
     if unit.shape[0] not in (1, hidden.shape[0]):
         raise ValueError(f"control batch {unit.shape[0]} does not match hidden batch {hidden.shape[0]}")
-    mean_h, std_h = _statistics(hidden.float())
+    mean_h, std_h = _statistics((hidden if statistics_of is None else statistics_of).float())
     if torch.is_tensor(strength):
         gain = strength.to(device=std_h.device, dtype=torch.float32).reshape(-1, 1, 1, 1) * rule.factor
     else:

@@ -25,8 +25,9 @@ INTERPOLATIONS: dict[str, Callable[[float], float]] = {
     "ease-out": lambda t: 1.0 - (1.0 - t) ** 2,
     "ease-in-out": lambda t: (1.0 - math.cos(math.pi * t)) / 2.0,
 }
-# Samples of percent -> sigma that ``ProgressScale`` interpolates between (one per 0.1 %).
-PROGRESS_POINTS = 1000
+# Samples of percent -> sigma that ``ProgressScale`` interpolates between: one per timestep of
+# ComfyUI's discrete sampling (percent = 1 - t / 999), between which its log sigma is linear.
+PROGRESS_POINTS = 999
 # A step's sigma is matched to the sampling schedule up to this relative rounding.
 SIGMA_MATCH = 1e-6
 
@@ -133,14 +134,17 @@ class StrengthSchedule:
 
 class ProgressScale:
     """Sigma -> sampling percent for one model, from samples of its ``percent_to_sigma`` (the inverse
-    ComfyUI does not give), interpolated in log sigma; used only between eased keyframes."""
+    ComfyUI does not give), interpolated in log sigma; used only between eased keyframes. Exact
+    where log sigma is piecewise linear between the samples (ComfyUI's discrete and EDM samplings);
+    0 above the first sample's sigma, 1 below the last one's."""
 
     def __init__(self, percent_to_sigma: Callable[[float], float], points: int = PROGRESS_POINTS):
-        edge = 1.0 / (points * 100)  # ComfyUI returns sentinels at exactly 0 and 1
-        self.percents = [min(max(i / points, edge), 1.0 - edge) for i in range(points + 1)]
+        edge = 1e-9  # ComfyUI answers sentinels at exactly 0 and 1
+        percents = [i / points for i in range(points + 1)]
+        sigmas = [float(percent_to_sigma(min(max(p, edge), 1.0 - edge))) for p in percents]
         # ascending log sigma (descending percent), for bisect
-        self.log_sigmas = [math.log(max(float(percent_to_sigma(p)), 1e-30)) for p in reversed(self.percents)]
-        self.percents.reverse()
+        self.log_sigmas = [math.log(max(sigma, 1e-30)) for sigma in reversed(sigmas)]
+        self.percents = list(reversed(percents))
 
     def percent(self, sigma: float) -> float:
         log_sigma = math.log(max(sigma, 1e-30))

@@ -6,6 +6,7 @@ from comfy_api.latest import ComfyExtension, io
 from .apply import ApplyControlNeXt
 from .loaders import LoadControlNeXt, LoadControlNeXtUNetWeights
 from .preprocessors import PREPROCESSOR_NODES
+from .schedule import SCHEDULE_NODES
 from .train import TRAIN_NODES
 from .video import AlignPoses, ApplyControlNeXtSVD, ControlNeXtSVDWindowGuider, LoadControlNeXtSVD
 
@@ -14,7 +15,7 @@ class ControlNeXtExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [LoadControlNeXt, ApplyControlNeXt, LoadControlNeXtUNetWeights,
                 LoadControlNeXtSVD, ApplyControlNeXtSVD, ControlNeXtSVDWindowGuider, AlignPoses,
-                *PREPROCESSOR_NODES, *TRAIN_NODES]
+                *SCHEDULE_NODES, *PREPROCESSOR_NODES, *TRAIN_NODES]
 
 
 def comfy_entrypoint() -> ControlNeXtExtension:

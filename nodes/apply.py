@@ -6,7 +6,8 @@ from comfy_api.latest import io, ui
 from ..controlnext_core import ControlNeXtError
 from ..controlnext_core.families import FAMILY_NAMES, LAYOUT_DESCRIPTIONS, POINT_WORDS
 from .loaders import CATEGORY, ControlNeXtType
-from .patch import attach, check_percent_range, control_image_from_comfy, make_patch, model_family
+from .patch import ControlOptions, attach, check_percent_range, control_image_from_comfy, make_patch, model_family
+from .schedule import latent_strengths_input, schedule_input, uncond_multiplier_input
 
 
 class ApplyControlNeXt(io.ComfyNode):
@@ -36,13 +37,17 @@ class ApplyControlNeXt(io.ComfyNode):
                              tooltip="1 (default) is exact: the control is encoded at every step. k > 1 encodes it "
                                      "every k steps and reuses it in between: faster (the encoder costs about "
                                      "1/k), an approximation of the exact result."),
+                schedule_input(),
+                latent_strengths_input("latent_strengths", "latent of the batch"),
+                uncond_multiplier_input(),
             ],
             outputs=[io.Model.Output(tooltip="A patched copy; the input MODEL is unchanged.")],
         )
 
     @classmethod
     def execute(cls, model, controlnext, image, strength: float, start_percent: float, end_percent: float,
-                mask=None, refresh_every: int = 1) -> io.NodeOutput:
+                mask=None, refresh_every: int = 1, schedule=None, latent_strengths=None,
+                uncond_multiplier: float = 1.0) -> io.NodeOutput:
         check_percent_range(start_percent, end_percent)
         if model_family(model.model) == "svd":
             raise ControlNeXtError(f"This is a Stable Video Diffusion model: use Load ControlNeXt SVD and Apply "
@@ -50,10 +55,9 @@ class ApplyControlNeXt(io.ComfyNode):
                                    f"has the {LAYOUT_DESCRIPTIONS[controlnext.layout]}).")
         if strength == 0:
             return io.NodeOutput(model.clone())
-        if mask is not None and mask.ndim == 2:
-            mask = mask[None]
+        options = ControlOptions(schedule, latent_strengths, mask, uncond_multiplier)
         patch = make_patch(controlnext, model.model, model.get_model_object("model_sampling"),
-                           control_image_from_comfy(image), strength, (start_percent, end_percent), mask,
+                           control_image_from_comfy(image), strength, (start_percent, end_percent), options,
                            refresh_every=refresh_every)
         warning = controlnext.pairing_warning(patch.controlnext.family)
         return io.NodeOutput(attach(model, patch), ui=applied_ui(cls, patch, image, strength, warning))

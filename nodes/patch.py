@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import logging
 import weakref
+from dataclasses import dataclass
 from typing import Mapping
 
 import torch
@@ -19,6 +20,7 @@ from ..controlnext_core import (ControlNeXt, ControlNeXtError, add_unit_control,
                                 injection_channels, resize_control, unit_control)
 from ..controlnext_core.encoders import ConditionEncoder
 from ..controlnext_core.families import FAMILY_NAMES, LAYOUT_DESCRIPTIONS, mixed_up_pairing
+from ..controlnext_core.schedule import LatentStrengths, ResolvedSchedule, StrengthSchedule, check_strength, resolve
 from ..controlnext_core.video import resample_frames
 
 # ComfyUI model config class (or a base class of it) -> ControlNeXt family.
@@ -31,6 +33,12 @@ VIDEO_FRAMES = "controlnext_video_frames"
 FRAME_POLICIES = ("error", "resample")
 # transformer_options key of this model call's sigmas as floats: (the sigmas tensor, its values)
 STEP_SIGMAS = "controlnext_step_sigmas"
+# transformer_options key of this model call's per-row multipliers from the CONTROL_NET that installed
+# a patch ({id(patch): CallScales}; Advanced-ControlNet's keyframes, nodes/advanced_controlnet.py)
+CALL_SCALES = "controlnext_call_scales"
+# transformer_options key, set only when several ControlNeXts act at one block: (the last one's
+# output, the UNet's own hidden state there), so each is normalised against the UNet's statistics
+BLOCK_INPUT = "controlnext_block_input"
 WRAPPER_KEY = "controlnext"
 
 log = logging.getLogger("ControlNeXt")
@@ -105,6 +113,35 @@ class ControlNeXtFile:
         return self
 
 
+@dataclass(frozen=True)
+class ControlOptions:
+    """What the schedule inputs add to strength and start/end, on both routes (README, "Schedules and
+    per-frame strength"): a strength schedule over sampling, a multiplier per latent or video frame,
+    a mask (one, or one per latent / frame) and the uncond half's multiplier."""
+
+    schedule: StrengthSchedule | None = None
+    latent_strengths: LatentStrengths | None = None
+    mask: torch.Tensor | None = None
+    uncond_multiplier: float = 1.0
+
+    def __post_init__(self):
+        check_strength(self.uncond_multiplier, "uncond_multiplier")
+        if self.mask is not None and self.mask.ndim == 2:
+            object.__setattr__(self, "mask", self.mask[None])
+
+
+NO_OPTIONS = ControlOptions()
+
+
+@dataclass(frozen=True)
+class CallScales:
+    """One model call's multipliers of a patch's control, one per row of h (all CFG chunks), and an
+    optional mask per row: what a CONTROL_NET decides per call (Advanced-ControlNet's keyframes)."""
+
+    strengths: tuple[float, ...]
+    mask: torch.Tensor | None = None
+
+
 def step_sigmas(transformer_options: dict) -> tuple[float, ...]:
     """This model call's sigmas as floats, read from the device once per call.
 
@@ -137,9 +174,14 @@ class ControlNeXtPatch:
     """Encode the control once per step, cross-normalise it and add it at one UNet block.
 
     Immutable after construction apart from ``_memo``: a one-entry cache of the unit control
-    keyed by everything it depends on (sigmas, sizes, device, dtype), so cond and uncond reuse
-    one encoder run whether ComfyUI batches them or calls them separately. It never changes a
-    result, so sharing the object between MODEL clones is safe.
+    keyed by everything it depends on (sigmas, sizes, rows encoded, device, dtype), so cond and
+    uncond reuse one encoder run whether ComfyUI batches them or calls them separately. It never
+    changes a result, so sharing the object between MODEL clones is safe.
+
+    Strength is the file's scale x ``strength`` per CFG half (the uncond half x the options'
+    multiplier), x the schedule at this step, x the options' strength of each latent / frame (x a
+    CONTROL_NET's ``CallScales``). Rows whose strength is 0 are not encoded; at 0 for all rows the
+    encoder does not run.
 
     ``refresh_every`` = k > 1 is an opt-in approximation: the unit control is encoded at the first
     evaluation of steps 0, k, 2k... of a sampling run and reused until the next (``_held``, keyed
@@ -148,24 +190,28 @@ class ControlNeXtPatch:
 
     def __init__(self, controlnext: ControlNeXt, patcher, image: torch.Tensor, strength: float,
                  sigma_range: tuple[float, float], block: tuple[str, int], model_sampling,
-                 mask: torch.Tensor | None = None, cond_only: bool = False, frame_policy: str = "error",
-                 refresh_every: int = 1):
+                 options: ControlOptions = NO_OPTIONS, schedule: ResolvedSchedule | None = None,
+                 cond_only: bool = False, frame_policy: str = "error", refresh_every: int = 1):
         if int(refresh_every) != refresh_every or refresh_every < 1:
             raise ControlNeXtError(f"refresh_every must be a whole number of steps, 1 or more; got {refresh_every}.")
         self.controlnext = controlnext
         self.patcher = patcher
         self.image = image
-        self.mask = mask
-        self.gains = controlnext.gains(strength, cond_only)
+        self.mask = options.mask
+        self.latent_strengths = options.latent_strengths
+        self.schedule = schedule
+        cond, uncond = controlnext.gains(strength, cond_only)
+        self.gains = (cond, uncond * options.uncond_multiplier)
         self.sigma_start, self.sigma_end = sigma_range
         self.block = block
         self.kind = PATCH_KIND[block[0]]
         self.model_sampling = model_sampling
         self.frame_policy = frame_policy
         self.refresh_every = int(refresh_every)
+        self.unit = "frames" if controlnext.family == "svd" else "latents"
         self._memo: tuple | None = None
         self._held: dict = {}  # refresh mode: the unit controls of the current block of steps
-        self._schedule: tuple | None = None  # refresh mode: (weakref to sample_sigmas, its values)
+        self._sampling_run: tuple | None = None  # (weakref to sample_sigmas, its values)
 
     def __deepcopy__(self, memo):
         return self
@@ -188,26 +234,97 @@ class ControlNeXtPatch:
         sigma_values = list(step_sigmas(transformer_options))
         if not self.sigma_end <= sigma_values[0] <= self.sigma_start:
             return h
+        over_time = self._strength_over_time(sigma_values[0], transformer_options)
         chunks = transformer_options.get("cond_or_uncond") or [0]
-        gains = [self.gains[0] if kind == 0 else self.gains[1] for kind in chunks]
-        if not any(gains):
+        if not over_time or not any(self.gains[min(kind, 1)] for kind in chunks):
             return h
         rows = h.shape[0] // len(chunks)
+        frames = self._control_frames(transformer_options, rows)
+        total = self._video_length(transformer_options, rows, frames)
+        gains = self._row_gains(chunks, rows, over_time, frames, total, transformer_options)
+        active = tuple(row for row in range(rows) if any(chunk[row] for chunk in gains))
+        if not active:
+            return h
         if len(sigma_values) != rows:
             sigmas, sigma_values = sigmas[:1].expand(rows), sigma_values[:1] * rows
-        unit = self._unit_control(h, sigmas, sigma_values, rows, transformer_options)
-        mask = self._mask_rows(rows)
+        unit = self._unit_control(h, sigmas, sigma_values, rows, frames, total, active, transformer_options)
+        mask = self._mask_rows(frames, total)
+        call = transformer_options.get(CALL_SCALES, {}).get(id(self))
+        reference = self._block_input(h, transformer_options)
         rule = self.controlnext.rule
-        pieces = [h[i * rows:(i + 1) * rows] for i in range(len(chunks))]
-        pieces = [add_unit_control(piece, unit, rule, gain, mask) if gain else piece
-                  for piece, gain in zip(pieces, gains)]
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        pieces = []
+        for index, row_gains in enumerate(gains):
+            rows_here = slice(index * rows, (index + 1) * rows)
+            piece = h[rows_here]
+            if not any(row_gains):
+                pieces.append(piece)
+                continue
+            strength = row_gains[0] if len(set(row_gains)) == 1 else torch.tensor(row_gains)
+            piece_mask = combined_mask(mask, None if call is None or call.mask is None else call.mask[rows_here])
+            pieces.append(add_unit_control(piece, unit, rule, strength, piece_mask, statistics_of=reference[rows_here]))
+        out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        if self._shares_its_block(transformer_options):
+            transformer_options[BLOCK_INPUT] = (out, reference)
+        return out
 
-    def _unit_control(self, h, sigmas, sigma_values, rows, transformer_options) -> torch.Tensor:
+    def _strength_over_time(self, sigma: float, transformer_options: dict) -> float:
+        """The schedule's multiplier at this step (1 without a schedule)."""
+        if self.schedule is None:
+            return 1.0
+        run = self._sampling_sigmas(transformer_options) if self.schedule.schedule.step_strengths is not None else None
+        return self.schedule.strength(sigma, run)
+
+    def _row_gains(self, chunks, rows: int, over_time: float, frames, total, transformer_options) -> list[list[float]]:
+        """The strength of each row of each CFG chunk at this call."""
+        per_row = self._row_strengths(rows, frames, total)
+        call = transformer_options.get(CALL_SCALES, {}).get(id(self))
+        if call is not None and len(call.strengths) != rows * len(chunks):
+            raise ControlNeXtError(f"The control gave {len(call.strengths)} strengths for {rows * len(chunks)} rows.")
+        gains = []
+        for index, kind in enumerate(chunks):
+            gain = self.gains[min(kind, 1)] * over_time
+            scales = call.strengths[index * rows:(index + 1) * rows] if call is not None else (1.0,) * rows
+            gains.append([gain * per_row[row] * scales[row] for row in range(rows)])
+        return gains
+
+    def _row_strengths(self, rows: int, frames: tuple[int, ...] | None, total: int | None) -> tuple[float, ...]:
+        """The options' strength of each row: per latent of the batch, or per video frame under windows."""
+        if self.latent_strengths is None:
+            return (1.0,) * rows
+        if total is None:
+            raise ControlNeXtError("Per-frame strengths need the video's length, which these context windows do "
+                                   "not give: use the ControlNeXt SVD Window Guider.")
+        values = self.latent_strengths.for_count(total, self.unit)
+        return values if frames is None else tuple(values[frame] for frame in frames)
+
+    def _block_input(self, h: torch.Tensor, transformer_options: dict) -> torch.Tensor:
+        """The UNet's own hidden state at this block: h, or what h was before another ControlNeXt added to it."""
+        record = transformer_options.get(BLOCK_INPUT)
+        return record[1] if record is not None and record[0] is h else h
+
+    def _shares_its_block(self, transformer_options: dict) -> bool:
+        """Whether another ControlNeXt acts at this block after this one (then it needs ``BLOCK_INPUT``)."""
+        patches = transformer_options.get("patches", {}).get(self.kind, [])
+        later = patches[next((i for i, p in enumerate(patches) if p is self), len(patches)) + 1:]
+        return any(isinstance(p, ControlNeXtPatch) and p.block == self.block for p in later)
+
+    def _sampling_sigmas(self, transformer_options) -> tuple[float, ...] | None:
+        """The sampling run's sigmas (``sample_sigmas``), read once per run; None outside ComfyUI's sampling."""
+        sample_sigmas = transformer_options.get("sample_sigmas")
+        if sample_sigmas is None:
+            return None
+        cached = self._sampling_run
+        if cached is None or cached[0]() is not sample_sigmas:  # a new sampling run: one read of its schedule
+            cached = (weakref.ref(sample_sigmas), tuple(sample_sigmas.detach().float().cpu().tolist()))
+            self._sampling_run = cached
+        return cached[1]
+
+    def _unit_control(self, h, sigmas, sigma_values, rows, frames, total, active, transformer_options) -> torch.Tensor:
         size = tuple(h.shape[-2:])
         latent_size = tuple(transformer_options["original_shape"][-2:])
-        frames = self._control_frames(transformer_options, rows)
-        key = (tuple(sigma_values), size, latent_size, rows, frames, h.device, h.dtype)
+        shared = self.image.shape[0] == 1 and len(set(sigma_values)) == 1  # one encoding serves every row
+        subset = None if shared or len(active) == rows else active
+        key = (tuple(sigma_values), size, latent_size, rows, frames, subset, h.device, h.dtype)
         block = self._refresh_block(transformer_options, sigma_values[0])
         if block is not None:  # refresh mode: one unit control per block of refresh_every steps
             held_key = block + key[1:]
@@ -217,19 +334,26 @@ class ControlNeXtPatch:
         memo = self._memo
         if memo is not None and memo[0] == key:
             return memo[1]
-        images = self._images_for(rows, frames, transformer_options)
+        images = self._images_for(rows, frames, total)
         image = resize_control(images, latent_size[0] * LATENT_SCALE, latent_size[1] * LATENT_SCALE).to(h.device)
         timesteps = self.model_sampling.timestep(sigmas).float()
-        if image.shape[0] == 1 and len(set(sigma_values)) == 1:
+        if shared:
             timesteps = timesteps[:1]
         else:
             image = image.expand(rows, -1, -1, -1)
+            if subset is not None:  # rows at strength 0 are not encoded
+                index = torch.tensor(subset, device=image.device)
+                image, timesteps = image[index], timesteps[index.to(timesteps.device)]
         if image.device.type == "cpu":
             # oneDNN runs the encoder's full-resolution convs 10-20 % faster on channels-last input
             # (benchmarks/, README); its output goes back to the layout of h below.
             image = image.contiguous(memory_format=torch.channels_last)
         control = self.controlnext.encode_for(image, timesteps, size, compute_dtype=h.dtype).contiguous()
         unit = unit_control(control, size, self.controlnext.rule)
+        if subset is not None:
+            every_row = unit.new_zeros((rows, *unit.shape[1:]))
+            every_row[list(subset)] = unit
+            unit = every_row
         self._memo = (key, unit)
         if block is not None:
             self._held[block + key[1:]] = unit
@@ -245,14 +369,9 @@ class ControlNeXtPatch:
         """
         if self.refresh_every == 1:
             return None
-        sample_sigmas = transformer_options.get("sample_sigmas")
-        if sample_sigmas is None:
+        schedule = self._sampling_sigmas(transformer_options)
+        if schedule is None:
             return None
-        cached = self._schedule
-        if cached is None or cached[0]() is not sample_sigmas:  # a new sampling run: one read of its schedule
-            cached = (weakref.ref(sample_sigmas), tuple(sample_sigmas.detach().float().cpu().tolist()))
-            self._schedule = cached
-        schedule = cached[1]
         step = sum(1 for value in schedule[:-1] if value >= sigma * (1.0 - 1e-6)) - 1
         return schedule, max(step, 0) // self.refresh_every
 
@@ -271,17 +390,24 @@ class ControlNeXtPatch:
                                    f"use one video per batch with ControlNeXt.")
         return frames
 
-    def _images_for(self, rows: int, frames: tuple[int, ...] | None, transformer_options) -> torch.Tensor:
+    @staticmethod
+    def _video_length(transformer_options, rows: int, frames: tuple[int, ...] | None) -> int | None:
+        """Latents in the batch, or frames in the whole video under a window (None when a window does not say)."""
+        if VIDEO_FRAMES in transformer_options:
+            return transformer_options[VIDEO_FRAMES]
+        if frames is None:
+            return rows
+        return getattr(transformer_options.get("context_window"), "total_frames", 0) or None
+
+    def _images_for(self, rows: int, frames: tuple[int, ...] | None, total: int | None) -> torch.Tensor:
         """The control image of each row (or one image for all rows)."""
         count = self.image.shape[0]
         video = self.controlnext.family == "svd"
-        unit = "frames" if video else "latents"
-        total = transformer_options.get(VIDEO_FRAMES, rows if frames is None else None)
         images = self.image
         if count != 1 and total is not None and count != total:
             if self.frame_policy != "resample":
                 raise ControlNeXtError(
-                    f"{count} control images for {total} {unit}: give "
+                    f"{count} control images for {total} {self.unit}: give "
                     f"{'one per video frame' if video else f'one image (used for the whole batch) or exactly {total}'}"
                     f"{', or set frame_count to resample' if video else ''}.")
             images = resample_frames(images, total)
@@ -293,13 +419,30 @@ class ControlNeXtPatch:
                 f"images: give one per video frame.")
         return images[list(frames)]
 
-    def _mask_rows(self, rows: int) -> torch.Tensor | None:
-        if self.mask is None:
-            return None
-        if self.mask.shape[0] not in (1, rows):
+    def _mask_rows(self, frames: tuple[int, ...] | None, total: int | None) -> torch.Tensor | None:
+        """The mask of each row: one for all, one per latent, or the window's frames of one per video frame."""
+        if self.mask is None or self.mask.shape[0] == 1:
+            return self.mask
+        count = self.mask.shape[0]
+        if total is not None and count != total:
             raise ControlNeXtError(
-                f"{self.mask.shape[0]} masks for a batch of {rows} latents: give one mask or exactly {rows}.")
-        return self.mask
+                f"{count} masks for a batch of {total} latents: give one mask or exactly {total}." if self.unit == "latents"
+                else f"{count} masks for {total} frames: give one mask or one per video frame.")
+        if frames is None:
+            return self.mask
+        if max(frames) >= count:
+            raise ControlNeXtError(f"The video window reaches frame {max(frames) + 1} but there are only {count} "
+                                   f"masks: give one mask or one per video frame.")
+        return self.mask[list(frames)]
+
+
+def combined_mask(mask: torch.Tensor | None, other: torch.Tensor | None) -> torch.Tensor | None:
+    """The product of two [1 or B, H, W] masks (``other`` resized to ``mask``'s size), or whichever is given."""
+    if mask is None or other is None:
+        return other if mask is None else mask
+    other = torch.nn.functional.interpolate(other.float()[:, None], size=mask.shape[-2:], mode="bilinear",
+                                            align_corners=False)[:, 0]
+    return mask.float() * other.to(mask.device)
 
 
 class InputBlockPatch(ControlNeXtPatch):
@@ -313,11 +456,12 @@ class OutputBlockPatch(ControlNeXtPatch):
 
 
 def make_patch(file: ControlNeXtFile, base_model, model_sampling, image: torch.Tensor, strength: float,
-               percent_range: tuple[float, float], mask: torch.Tensor | None = None,
+               percent_range: tuple[float, float], options: ControlOptions = NO_OPTIONS,
                cond_only: bool = False, frame_policy: str = "error", refresh_every: int = 1) -> ControlNeXtPatch:
     """Bind ``file`` to ``base_model``'s family and build the patch for its injection block.
 
-    Raises ControlNeXtError, before any sampling, when the file cannot serve the model.
+    Raises ControlNeXtError, before any sampling, when the file cannot serve the model. Percents
+    become sigmas here, once, for both routes: start/end and the schedule's keyframes.
     ``refresh_every`` > 1 (opt-in, approximate) re-encodes the control only every that many
     sampling steps and reuses it in between; 1 (the default) is exact.
     """
@@ -332,8 +476,11 @@ def make_patch(file: ControlNeXtFile, base_model, model_sampling, image: torch.T
             f"ControlNeXt {FAMILY_NAMES[controlnext.family]} releases are made for.")
     patch_class = OutputBlockPatch if block[0] == "output" else InputBlockPatch
     sigma_range = (model_sampling.percent_to_sigma(percent_range[0]), model_sampling.percent_to_sigma(percent_range[1]))
-    return patch_class(controlnext, file.patcher, image, strength, sigma_range, block, model_sampling, mask,
-                       cond_only, frame_policy, refresh_every)
+    schedule = None
+    if options.schedule is not None and not options.schedule.is_constant:
+        schedule = resolve(options.schedule, model_sampling.percent_to_sigma)
+    return patch_class(controlnext, file.patcher, image, strength, sigma_range, block, model_sampling, options,
+                       schedule, cond_only, frame_policy, refresh_every)
 
 
 def check_percent_range(start_percent: float, end_percent: float) -> None:
@@ -373,11 +520,13 @@ def control_image_from_comfy(image: torch.Tensor) -> torch.Tensor:
 class ControlNeXtControlNet(comfy.controlnet.ControlBase):
     """A CONTROL_NET for ComfyUI's own Apply ControlNet nodes: it installs the same patch as
     Apply ControlNeXt into each model call's transformer_options, so it stacks with other
-    ControlNets and follows per-conditioning control."""
+    ControlNets and follows per-conditioning control. ``options``: what ControlNeXt ControlNet
+    Options set (schedule, per-latent strengths, mask, uncond multiplier)."""
 
-    def __init__(self, file: ControlNeXtFile):
+    def __init__(self, file: ControlNeXtFile, options: ControlOptions = NO_OPTIONS):
         super().__init__()
         self.file = file
+        self.options = options
         self.patch: ControlNeXtPatch | None = None
 
     def pre_run(self, model, percent_to_timestep_function):
@@ -385,32 +534,46 @@ class ControlNeXtControlNet(comfy.controlnet.ControlBase):
         check_percent_range(*self.timestep_percent_range)  # ComfyUI's Apply ControlNet nodes allow start > end
         image = control_image_from_comfy(self.cond_hint_original.movedim(1, -1))
         self.patch = make_patch(self.file, model, model.model_sampling, image, self.strength,
-                                self.timestep_percent_range)
+                                self.timestep_percent_range, self.options)
 
     def get_control(self, x_noisy, t, cond, batched_number, transformer_options):
         control_prev = None
         if self.previous_controlnet is not None:
             control_prev = self.previous_controlnet.get_control(x_noisy, t, cond, batched_number, transformer_options)
-        if self.patch is not None:
-            read_step_sigmas_early(transformer_options)
-            patches = dict(transformer_options.get("patches", {}))
-            patches[self.patch.kind] = list(patches.get(self.patch.kind, [])) + [self.patch]
-            transformer_options["patches"] = patches
+        self.install_patch(transformer_options)
         return control_prev
+
+    def install_patch(self, transformer_options: dict, scales: CallScales | None = None) -> None:
+        """Puts the patch into this model call's options (a per-call dict), with this call's ``scales``."""
+        if self.patch is None:
+            return
+        read_step_sigmas_early(transformer_options)
+        patches = dict(transformer_options.get("patches", {}))
+        patches[self.patch.kind] = list(patches.get(self.patch.kind, [])) + [self.patch]
+        transformer_options["patches"] = patches
+        if scales is not None:
+            transformer_options[CALL_SCALES] = {**transformer_options.get(CALL_SCALES, {}), id(self.patch): scales}
+
+    def with_options(self, options: ControlOptions) -> "ControlNeXtControlNet":
+        c = self.copy()
+        c.options = options
+        return c
 
     def get_models(self):
         return super().get_models() + [self.file.patcher]
 
     def copy(self):
-        c = ControlNeXtControlNet(self.file)
+        return self._copy_with(self.file)
+
+    def _copy_with(self, file: ControlNeXtFile) -> "ControlNeXtControlNet":
+        c = type(self)(file, self.options)
         self.copy_to(c)
         return c
 
     def deepclone_multigpu(self, load_device, autoregister=False):
         """ComfyUI's multi-GPU sampling (v0.33+): a copy whose encoder is its own, on ``load_device``;
         ``autoregister`` files it among this ControlNet's per-device clones, as ComfyUI's ControlNet does."""
-        c = ControlNeXtControlNet(self.file.for_device(load_device))
-        self.copy_to(c)
+        c = self._copy_with(self.file.for_device(load_device))
         if autoregister:
             self.multigpu_clones[load_device] = c
         return c

@@ -14,8 +14,9 @@ from ..controlnext_core.video import control_frames, fusion_weights, linear_guid
 from .apply import check_percent_range
 from .loaders import CATEGORY, ControlNeXtType, model_files, patch_unet_weights, resolve
 from .preprocessors import PoseKeypointType
-from .patch import (FRAME_POLICIES, VIDEO_FRAMES, WINDOW_CONTROL_FRAMES, ControlNeXtFile, attach,
+from .patch import (FRAME_POLICIES, VIDEO_FRAMES, WINDOW_CONTROL_FRAMES, ControlNeXtFile, ControlOptions, attach,
                     control_image_from_comfy, make_patch, model_family, model_type_name)
+from .schedule import latent_strengths_input, schedule_input
 
 VIDEO_CATEGORY = f"{CATEGORY}/video"
 NO_UNET = "none"
@@ -85,20 +86,26 @@ class ApplyControlNeXtSVD(io.ComfyNode):
                                  tooltip="SVD v1 files: give the negative (uncond) half no control. Off matches the "
                                          "official v1 pipeline (uncond gets 0.65x); SVD-v2 always controls the "
                                          "cond half only."),
+                schedule_input(),
+                latent_strengths_input("frame_strengths", "video frame"),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="Optional: control acts only where the mask is white. One mask for the whole "
+                                      "video, or one per video frame (windows take their frames' masks)."),
             ],
             outputs=[io.Model.Output(tooltip="A patched copy; the input MODEL is unchanged.")],
         )
 
     @classmethod
     def execute(cls, model, controlnext, pose_images, strength: float, start_percent: float, end_percent: float,
-                frame_count: str, cond_only: bool) -> io.NodeOutput:
+                frame_count: str, cond_only: bool, schedule=None, frame_strengths=None, mask=None) -> io.NodeOutput:
         require_svd(model)
         check_percent_range(start_percent, end_percent)
         if strength == 0:
             return io.NodeOutput(model.clone())
         patch = make_patch(controlnext, model.model, model.get_model_object("model_sampling"),
                            control_image_from_comfy(pose_images), strength, (start_percent, end_percent),
-                           cond_only=cond_only, frame_policy=frame_count)
+                           ControlOptions(schedule, frame_strengths, mask), cond_only=cond_only,
+                           frame_policy=frame_count)
         return io.NodeOutput(attach(model, patch))
 
 

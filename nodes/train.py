@@ -148,6 +148,19 @@ def encode_text(clip, text: str) -> list:
 
 
 @contextlib.contextmanager
+def frozen(module: torch.nn.Module):
+    """No gradient for the module's own weights while training (only the trainer's parameters get
+    one); each weight's flag is put back afterwards."""
+    flags = [(param, param.requires_grad) for param in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)
+
+
+@contextlib.contextmanager
 def gradient_checkpointing(unet, enabled: bool):
     """Recompute each UNet layer in the backward pass instead of keeping its activations."""
     layers = [layer for blocks in (unet.input_blocks, [unet.middle_block], unet.output_blocks)
@@ -327,7 +340,8 @@ def train(model, family: str, samples: torch.Tensor, images: torch.Tensor, posit
         scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 and device.type == "cuda" else None
         progress = comfy.utils.ProgressBar(settings.steps, node_id=node_id)
         message = f"Trained {settings.steps} steps."
-        with trained_weights_in(unet, trainer.unet_parameters), gradient_checkpointing(unet, use_checkpointing):
+        with frozen(unet), trained_weights_in(unet, trainer.unet_parameters), \
+                gradient_checkpointing(unet, use_checkpointing):
             for step in range(settings.steps):
                 if comfy.model_management.processing_interrupted():
                     comfy.model_management.interrupt_current_processing(False)

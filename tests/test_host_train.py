@@ -207,3 +207,14 @@ def test_gradient_checkpointing_gives_the_same_steps_on_weights_loaded_in_infere
                for name, weight in plain.unet_file_weights.items())
     if family == "sdxl":  # the release holds deltas: the trained UNet weights moved
         assert any(weight.abs().max() > 0 for weight in plain.unet_file_weights.values())
+
+
+def test_only_the_trained_weights_get_gradients_and_the_flags_come_back():
+    """A UNet whose weights ask for gradients (built outside ComfyUI's executor) trains the same
+    subset: its own weights get no gradient, and their flags are as they were afterwards."""
+    model = tiny_model.__wrapped__("sdxl", seed=5)
+    model.model.diffusion_model.requires_grad_(True)
+    run_train("sdxl", steps=1, model=model)
+    parameters = list(model.model.diffusion_model.parameters())
+    assert all(p.grad is None for p in parameters)
+    assert all(p.requires_grad for p in parameters)

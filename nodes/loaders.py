@@ -9,7 +9,8 @@ from comfy_api.latest import io
 from ..controlnext_core import ControlNeXtError, load_encoder_file, load_state_dict_file
 from ..controlnext_core.families import DEFAULT_FAMILY, FAMILY_NAMES, LAYOUT_DESCRIPTIONS
 from ..controlnext_core.unet_weights import MODES, OFFICIAL_MODE, unet_weight_patches
-from .patch import ControlNeXtControlNet, ControlNeXtFile, model_family, model_type_name
+from .advanced_controlnet import control_net_for
+from .patch import ControlNeXtFile, model_family, model_type_name
 from .unet_keys import unet_key_map
 
 CATEGORY = "ControlNeXt"
@@ -62,7 +63,9 @@ class LoadControlNeXt(io.ComfyNode):
                                        tooltip="For Apply ControlNeXt (patches the MODEL)."),
                 io.ControlNet.Output(display_name="CONTROL_NET",
                                      tooltip="The same encoder for ComfyUI's Apply ControlNet nodes: stacks with "
-                                             "other ControlNets and per-conditioning control."),
+                                             "other ControlNets and per-conditioning control. Also for "
+                                             "Advanced-ControlNet's Apply Advanced ControlNet (its keyframes and "
+                                             "masks) where that pack is installed."),
             ],
         )
 
@@ -74,7 +77,7 @@ class LoadControlNeXt(io.ComfyNode):
         params = sum(p.numel() for p in encoder.parameters())
         summary = (f"Encoder for {FAMILY_NAMES[DEFAULT_FAMILY[file.layout]]} models (the published releases of its "
                    f"kind), {params / 1e6:.2f} M parameters")
-        return io.NodeOutput(file, ControlNeXtControlNet(file),
+        return io.NodeOutput(file, control_net_for(file),
                              ui={"controlnext_info": [summary], "controlnext_detail": [LAYOUT_DESCRIPTIONS[file.layout]]})
 
 

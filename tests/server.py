@@ -144,6 +144,7 @@ def execution_error(entry: dict) -> str:
 CONTROLNEXT_FILES = {
     "ControlNeXt-SD1.5/vidit_depth/controlnet.safetensors": "mid",
     "ControlAny-SDXL/anime_canny/controlnet.safetensors": "base",
+    "ControlAny-SDXL/vidit_depth/controlnet.safetensors": "base",
     "ControlNeXt-SD1.5/deepfashoin_mask/controlnet.safetensors": "mid",  # sic: the official folder name
     "ControlNeXt-SVD-v2/controlnet.bin": "base",  # the release's torch pickle
 }

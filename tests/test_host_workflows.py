@@ -41,6 +41,8 @@ WORKFLOW_IMAGES = {
     "ControlNeXt SDXL Canny + UNet": ("Photo",),
     "ControlNeXt SD1.5 + ControlNet": ("Depth Map", "Photo"),
     "ControlNeXt SVD Pose Video": ("Reference", "Driving Video"),
+    "ControlNeXt SVD Pose Fade Out": ("Reference", "Driving Video"),
+    "ControlNeXt SDXL Canny + Depth": ("Photo",),
     "ControlNeXt SD1.5 Training": ("Test Photo",),
     "ControlNeXt SDXL Training": ("Test Photo",),
 }
@@ -61,7 +63,8 @@ SMALL_VIDEO = settings("Reference at Video Size.width=64", "Reference at Video S
                          for name, file in DWPOSE_FILES.items()))
 # Per workflow: the settings that make it small, its sampler's title and the frames it saves.
 RUNS = {name: (SMALL, "KSampler", 1) for name in WORKFLOW_IMAGES}
-RUNS["ControlNeXt SVD Pose Video"] = (SMALL_VIDEO, "SamplerCustomAdvanced", DRIVING_FRAMES)
+for _video in ("ControlNeXt SVD Pose Video", "ControlNeXt SVD Pose Fade Out"):
+    RUNS[_video] = (SMALL_VIDEO, "SamplerCustomAdvanced", DRIVING_FRAMES)
 for _training in ("ControlNeXt SD1.5 Training", "ControlNeXt SDXL Training"):
     RUNS[_training] = (SMALL + settings("Training Pictures.resolution=64", "Train ControlNeXt.steps=2",
                                         "Train ControlNeXt.batch_size=2", "Save ControlNeXt.overwrite=true"),
@@ -295,7 +298,7 @@ def test_an_unknown_node_type_names_the_node_and_the_fix(server, images, tmp_pat
 
 
 def test_a_missing_model_file_says_which_and_where(server, images, tmp_path):
-    missing = "ControlAny-SDXL/vidit_depth/controlnet.safetensors"
+    missing = "ControlNeXt-SD1.5/deepfashion_caption/controlnet.safetensors"
     result = queue(runnable_copy("ControlNeXt SDXL Canny", tmp_path), "--server", server.url, "--out",
                    str(tmp_path), *image_args("ControlNeXt SDXL Canny", images),
                    "--set", f"Load ControlNeXt.controlnext_name={missing}")

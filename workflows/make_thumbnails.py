@@ -207,8 +207,22 @@ def stacked_pair() -> list[np.ndarray]:
     return [controls, painting]
 
 
-def video_strip() -> np.ndarray:
-    """Three pose frames over the person dancing them: one picture the size of both panels."""
+def two_controls_pair() -> list[np.ndarray]:
+    """Edges over depth in one panel (the edges' schedule as a fading bar between them), and the painting."""
+    half = (PANEL[0], PANEL[1] // 2 - 8)
+    painting = lava_tower(PANEL)[0]
+    small_painting, small_disparity = lava_tower(half)
+    controls = np.full((*PANEL[::-1], 3), BACKGROUND, dtype=np.uint8)
+    controls[:half[1]] = pixels(canny(batch(small_painting)))
+    fade = np.clip(1.0 - np.linspace(0.0, 1.0, PANEL[0]) / 0.6, 0.0, 1.0)  # canny: 1 -> 0 at 60 % of sampling
+    controls[half[1] + 4:half[1] + 12] = (fade[None, :, None] * 235).astype(np.uint8)
+    controls[-half[1]:] = pixels(depth_control(small_disparity[None]))
+    return [controls, painting]
+
+
+def video_strip(fade_out: bool = False) -> np.ndarray:
+    """Three pose frames over the person dancing them: one picture the size of both panels; with
+    ``fade_out`` the last frames' poses fade, as their control does."""
     width = 2 * PANEL[0] + 32
     frame = (width // 3 - 6, PANEL[1] // 2 - 4)
     strip = np.full((PANEL[1], width, 3), BACKGROUND, dtype=np.uint8)
@@ -218,7 +232,8 @@ def video_strip() -> np.ndarray:
         x = index * (frame[0] + 9)
         keypoints = pose_frame(points)
         lines = Image.fromarray(draw_pose(keypoints, *frame)).filter(ImageFilter.MaxFilter(3))  # visible when small
-        strip[:frame[1], x:x + frame[0]] = np.asarray(lines)
+        strength = (1.0, 0.45, 0.12)[index] if fade_out else 1.0
+        strip[:frame[1], x:x + frame[0]] = (np.asarray(lines) * strength).astype(np.uint8)
         strip[-frame[1]:, x:x + frame[0]] = draw_scaled(frame, lambda d, w, h: paint_person(points, dressed, d, w, h),
                                                         background=(235, 225, 205))
     return strip
@@ -245,6 +260,9 @@ TEMPLATES = {
     "ControlNeXt SDXL Canny + UNet": (lambda: canny_pair(True), "Tighter control: the release's UNet weights added"),
     "ControlNeXt SD1.5 + ControlNet": (stacked_pair, "Depth by ControlNeXt, edges by a ControlNet"),
     "ControlNeXt SVD Pose Video": (video_strip, "Your picture dances the moves of a video"),
+    "ControlNeXt SVD Pose Fade Out": (lambda: video_strip(fade_out=True),
+                                      "A dance whose pose control fades out at the end"),
+    "ControlNeXt SDXL Canny + Depth": (two_controls_pair, "Edges and depth at once, the edges easing off"),
     "ControlNeXt SD1.5 Training": (lambda: training_pair(stone_tower), "Train your own control on your pictures (SD1.5)"),
     "ControlNeXt SDXL Training": (lambda: training_pair(lambda size: anime_portrait(size, True)),
                                   "Train your own control on your pictures (SDXL)"),

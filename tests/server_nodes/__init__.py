@@ -11,6 +11,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
 from tiny_unet import conditioning, tiny_model  # noqa: E402
 
 from .tiny_checkpoint import TinyCheckpoint, TinyImageOnlyCheckpoint  # noqa: E402
+from .toy_shapes_nodes import ToyShapesCheckpoint, ToyShapesDecode  # noqa: E402
 
 
 class TinyModel:
@@ -46,4 +47,6 @@ class LatentAsImage:
 
 NODE_CLASS_MAPPINGS = {"ControlNeXtTestTinyModel": TinyModel, "ControlNeXtTestLatentAsImage": LatentAsImage,
                        "ControlNeXtTestTinyCheckpoint": TinyCheckpoint,
-                       "ControlNeXtTestTinyImageOnlyCheckpoint": TinyImageOnlyCheckpoint}
+                       "ControlNeXtTestTinyImageOnlyCheckpoint": TinyImageOnlyCheckpoint,
+                       "ControlNeXtTestToyShapesCheckpoint": ToyShapesCheckpoint,
+                       "ControlNeXtTestToyShapesDecode": ToyShapesDecode}

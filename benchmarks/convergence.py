@@ -1,0 +1,641 @@
+"""Convergence study: how many training steps ControlNeXt and ControlNet need before their samples
+follow the control, on a toy base trained here, sampled end to end through ComfyUI.
+
+    COMFYUI_PATH=/path/to/ComfyUI /path/to/comfy-venv/bin/python benchmarks/convergence.py [--quick]
+
+What it does (README, Benchmarks: "Convergence"), all on the CPU, nothing downloaded:
+1. draws pictures of one to three shapes on smooth backgrounds and their canny controls (the pack's
+   Canny), a training set and a held-out set (tests/toy_shapes.py);
+2. trains a small autoencoder (64x64 pictures <-> 8x8x4 latents) and then, on its latents, a toy
+   SD1.5-layout base UNet (ComfyUI's UNetModel) unconditionally; both then stay frozen;
+3. trains on that base, with the same data, batch, steps and seeds: ControlNeXt with this pack's
+   trainer (controlnext_core.train.Trainer through nodes/train.py's ComfyDenoiser, the SD1.5 recipe),
+   encoder only and encoder + the recipe's UNet subset; and ComfyUI's own ControlNet (comfy.cldm)
+   started and trained the usual way (benchmarks/train_step.py's ``new_controlnet``, AdamW, clipping);
+4. at each checkpoint step samples the held-out controls through ComfyUI's sampler, ControlNeXt
+   applied by the Apply ControlNeXt node, ControlNet by ComfyUI's Apply ControlNet, decodes the
+   samples and scores them: IoU of their canny edges with the control's, both dilated by 2 px;
+5. writes benchmarks/results/convergence.json (every figure), convergence.md (the table) and
+   benchmarks/figures/convergence.png (metric against step) and convergence_samples.png (a grid).
+Runs are spread over worker processes of one torch thread each; times are CPU times.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import dataclasses
+import datetime
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(BENCHMARKS)
+sys.path.insert(0, BENCHMARKS)
+import comfy_host  # noqa: E402
+
+RESULTS = os.path.join(BENCHMARKS, "results")
+FIGURES = os.path.join(BENCHMARKS, "figures")
+COMPUTE_DTYPE = torch.bfloat16  # autocast on the CPU (README, Benchmarks); trained weights stay fp32
+METHODS = {  # method -> (label, ControlNeXt trains the UNet subset)
+    "controlnext": ("ControlNeXt (encoder + UNet subset)", True),
+    "controlnext_encoder": ("ControlNeXt (encoder only)", False),
+    "controlnet": ("ControlNet", None),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+    train_pictures: int
+    heldout_pictures: int
+    autoencoder_steps: int
+    autoencoder_batch: int
+    base_steps: int
+    base_batch: int
+    base_lr: float
+    checkpoints: tuple[int, ...]  # training steps at which samples are scored; the last is the run's length
+    batch: int
+    seeds: tuple[int, ...]
+    sampler_steps: int
+    grid_steps: tuple[int, ...]  # checkpoints shown in the sample grid
+    encoder_lr: float = 1e-4  # Train ControlNeXt's defaults (the official SD1.5 examples)
+    unet_lr: float = 1e-5
+    controlnet_lr: float = 1e-5  # ControlNet's usual rate (train_step.CONTROLNET_LR)
+    sampler: str = "dpmpp_2m"
+    scheduler: str = "karras"
+    methods: tuple[str, ...] = tuple(METHODS)
+
+
+FULL = Study(train_pictures=4096, heldout_pictures=16, autoencoder_steps=1500, autoencoder_batch=32,
+             base_steps=1000, base_batch=16, base_lr=3e-4,
+             checkpoints=(0, 25, 50, 100, 200, 400, 800, 1600), batch=4, seeds=(0, 1, 2), sampler_steps=10,
+             grid_steps=(0, 100, 400, 1600))
+QUICK = Study(train_pictures=256, heldout_pictures=4, autoencoder_steps=60, autoencoder_batch=16,
+              base_steps=40, base_batch=8, base_lr=3e-4, checkpoints=(0, 5, 10), batch=2, seeds=(0,),
+              sampler_steps=4, grid_steps=(0, 10))
+# What tests/test_host_convergence.py serves from a real server: the world and one encoder-only
+# ControlNeXt, trained in a few minutes (``--preset server --release DIR``).
+SERVER = Study(train_pictures=1024, heldout_pictures=8, autoencoder_steps=500, autoencoder_batch=32,
+               base_steps=250, base_batch=16, base_lr=3e-4, checkpoints=(0, 200), batch=4, seeds=(0,),
+               sampler_steps=10, grid_steps=(0, 200), methods=("controlnext_encoder",))
+PRESETS = {"full": FULL, "quick": QUICK, "server": SERVER}
+HELDOUT_SEED = 1_000_000  # drawing seed of the held-out pictures (training pictures: 0)
+SAMPLE_SEED = 77  # the noise of every sample: the same for every method and step
+
+
+def canny(images: torch.Tensor, low=None, high=None) -> torch.Tensor:
+    return comfy_host.pack("controlnext_core.preprocess.canny").canny(images, low, high)
+
+
+def controls_of(pictures: torch.Tensor) -> torch.Tensor:
+    import toy_shapes
+
+    return canny(pictures, *toy_shapes.CANNY_THRESHOLDS)
+
+
+# --- the toy world -------------------------------------------------------------------------------
+
+def train_autoencoder(pictures: torch.Tensor, study: Study, seed: int = 0):
+    """L1 reconstruction with a little latent noise (so slightly-off latents from the sampler still
+    decode), AdamW with a cosine schedule; ``latent_scale`` set so the UNet sees unit spread."""
+    import toy_shapes
+
+    torch.manual_seed(seed)
+    autoencoder = toy_shapes.ShapeAutoencoder()
+    optimizer = torch.optim.AdamW(autoencoder.parameters(), lr=2e-3)
+    generator = torch.Generator().manual_seed(seed)
+    for step in range(study.autoencoder_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = 2e-3 * 0.5 * (1 + np.cos(np.pi * step / study.autoencoder_steps))
+        images = pictures[torch.randint(0, len(pictures), (study.autoencoder_batch,), generator=generator)]
+        target = images.movedim(-1, 1) * 2 - 1
+        with torch.autocast("cpu", dtype=COMPUTE_DTYPE):
+            latents = autoencoder.encoder(target)
+            latents = latents + 0.05 * latents.detach().std() * torch.randn_like(latents)
+            decoded = autoencoder.decoder(latents)
+        loss = F.l1_loss(decoded.float(), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    autoencoder.eval().requires_grad_(False)
+    with torch.no_grad():
+        spread = autoencoder.encoder(pictures[:512].movedim(-1, 1) * 2 - 1).std()
+        autoencoder.latent_scale.fill_(1.0 / (float(spread) * 0.18215))  # SD1.5 latent format's factor
+    return autoencoder, float(loss.detach())
+
+
+def unet_call(model, noisy, timesteps, **extra):
+    """The UNet called as nodes/train.py's ComfyDenoiser calls it: raw DDPM inputs, fixed context."""
+    import toy_shapes
+
+    unet = model.model.diffusion_model
+    context = toy_shapes.conditioning(noisy.shape[0])[0][0]
+    return unet(noisy, timesteps.float(), context=context, transformer_options={}, **extra)
+
+
+def noisy_batch(latents: torch.Tensor, generator: torch.Generator):
+    """The official training inputs: uniform integer timesteps, the DDPM schedule's add_noise."""
+    train = comfy_host.pack("controlnext_core.train")
+    noise = torch.randn(latents.shape, generator=generator)
+    timesteps = torch.randint(0, train.TRAIN_TIMESTEPS, (latents.shape[0],), generator=generator)
+    return train.add_noise(latents, noise, timesteps, train.ddpm_alphas_cumprod()), noise, timesteps
+
+
+def train_base(latents: torch.Tensor, study: Study, seed: int = 0):
+    """The base UNet, unconditionally: MSE on epsilon, AdamW, an exponential moving average of its
+    weights (decay 0.99) as the frozen base."""
+    import toy_shapes
+
+    torch.manual_seed(seed)
+    model = toy_shapes.new_base()
+    unet = model.model.diffusion_model
+    parameters = list(unet.parameters())
+    average = [p.detach().clone() for p in parameters]
+    optimizer = torch.optim.AdamW(parameters, lr=study.base_lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    for step in range(study.base_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = study.base_lr * min(1.0, (step + 1) / 50)
+        indices = torch.randint(0, len(latents), (study.base_batch,), generator=generator)
+        noisy, noise, timesteps = noisy_batch(model.model.process_latent_in(latents[indices]), generator)
+        with torch.autocast("cpu", dtype=COMPUTE_DTYPE):
+            prediction = unet_call(model, noisy, timesteps)
+        loss = F.mse_loss(prediction.float(), noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        with torch.no_grad():
+            decay = min(0.99, (1 + step) / (10 + step))
+            for kept, param in zip(average, parameters):
+                kept.lerp_(param.detach(), 1 - decay)
+        losses.append(float(loss))
+    with torch.no_grad():
+        for kept, param in zip(average, parameters):
+            param.copy_(kept)
+    unet.requires_grad_(False)
+    return model, losses
+
+
+# --- sampling and the metric ----------------------------------------------------------------------
+
+def sample(model, count: int, study: Study, positive=None) -> torch.Tensor:
+    """ComfyUI's sampler (cfg 1: the conditioned pass only) from fixed noise; ComfyUI latents."""
+    import comfy.sample
+    import toy_shapes
+
+    generator = torch.Generator().manual_seed(SAMPLE_SEED)
+    size = toy_shapes.PICTURE // 8
+    noise = torch.randn(count, 4, size, size, generator=generator)
+    positive = positive if positive is not None else toy_shapes.conditioning()
+    with torch.no_grad():
+        return comfy.sample.sample(model, noise, study.sampler_steps, 1.0, study.sampler, study.scheduler, positive,
+                                   toy_shapes.conditioning(), torch.zeros_like(noise), seed=SAMPLE_SEED,
+                                   disable_pbar=True)
+
+
+def release_comfy_models() -> None:
+    """Unpatch and unload what ComfyUI loaded for sampling, so training reads the plain weights."""
+    import comfy.model_management
+
+    comfy.model_management.unload_all_models()
+
+
+def controlnext_samples(model, trainer, name: str, controls: torch.Tensor, study: Study) -> torch.Tensor:
+    """What Train ControlNeXt outputs at this step (a CONTROLNEXT and the MODEL with the trained UNet
+    weights as patches), applied by the Apply ControlNeXt node at strength 1, sampled."""
+    train, nodes_train = comfy_host.pack("controlnext_core.train"), comfy_host.pack("nodes.train")
+    loaders, apply = comfy_host.pack("nodes.loaders"), comfy_host.pack("nodes.apply")
+    unet_weights = comfy_host.pack("controlnext_core.unet_weights")
+    encoder = nodes_train._copy_encoder(trainer.encoder).eval().requires_grad_(False)  # training goes on
+    encoder.control_scale = trainer.settings.control_scale
+    names = nodes_train.diffusers_names(model)
+    state = dict(model.model.diffusion_model.named_parameters())
+    file_weights = {names[k]: v for k, v in train.release_unet_weights(
+        trainer.trained_unet(), {k: state[k] for k in trainer.unet_parameters}, "sd15").items()}
+    metadata = train.release_metadata("sd15", trainer.settings.control_scale, trainer.steps_done, "toy")
+    trained = nodes_train.TrainedControlNeXt(name, encoder, file_weights, metadata)
+    patched = (loaders.patch_unet_weights_from(model, file_weights, name, 1.0, unet_weights.OFFICIAL_MODE["sd15"])
+               if file_weights else model)
+    applied = apply.ApplyControlNeXt.execute(patched, trained, controls, 1.0, 0.0, 1.0).result[0]
+    latents = sample(applied, controls.shape[0], study)
+    release_comfy_models()
+    return latents
+
+
+def controlnet_samples(model, net, controls: torch.Tensor, study: Study) -> torch.Tensor:
+    """ComfyUI's Apply ControlNet (advanced) at strength 1 on the conditioning, sampled."""
+    import nodes
+    import toy_shapes
+
+    positive, _ = nodes.ControlNetApplyAdvanced().apply_controlnet(
+        toy_shapes.conditioning(), toy_shapes.conditioning(), net, controls, 1.0, 0.0, 1.0)
+    latents = sample(model, controls.shape[0], study, positive)
+    release_comfy_models()
+    return latents
+
+
+def score(autoencoder, latents: torch.Tensor, controls: torch.Tensor):
+    """(per-sample edge IoU, decoded pictures)."""
+    import toy_shapes
+
+    with torch.no_grad():
+        pictures = autoencoder.decode(latents.float())
+    return toy_shapes.edge_iou(pictures, controls, canny).tolist(), pictures
+
+
+# --- one training run per (method, seed), in a worker ---------------------------------------------
+
+def _worker_setup() -> None:
+    comfy_host.setup("cpu")
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+
+
+def load_world(folder: str):
+    import toy_shapes
+
+    model, autoencoder = toy_shapes.load_checkpoint(os.path.join(folder, "toy_base.safetensors"))
+    data = torch.load(os.path.join(folder, "data.pt"))
+    model.model.diffusion_model.requires_grad_(False)
+    return model, autoencoder, data
+
+
+def measured_step(step, probe) -> dict:
+    """One step with its CPU time and, when ``probe`` is given, the growth of the peak resident set."""
+    if probe is not None:
+        probe.cpu_precise(True)
+        probe.start()
+    started = time.thread_time()
+    step()
+    record = {"cpu_s": time.thread_time() - started}
+    if probe is not None:
+        record["peak_bytes"] = probe.stop()
+        probe.cpu_precise(False)
+    return record
+
+
+def run(job: dict) -> dict:
+    """Train one method with one seed to the last checkpoint, scoring samples at each checkpoint."""
+    from denoiser import MemoryProbe
+
+    study = Study(**job["study"])
+    method, seed = job["method"], job["seed"]
+    model, autoencoder, data = load_world(job["world"])
+    train, nodes_train = comfy_host.pack("controlnext_core.train"), comfy_host.pack("nodes.train")
+    latents = model.model.process_latent_in(data["latents"])
+    controls = data["controls"].movedim(-1, 1)  # [N,3,H,W] in [0,1], as both trainers take control images
+    heldout = data["heldout_controls"]
+    probe = MemoryProbe(torch.device("cpu"))
+    result = {"method": method, "seed": seed, "steps": [], "iou": [], "step_cpu_s": [], "grid": {}}
+    unet = model.model.diffusion_model
+
+    if method == "controlnet":
+        import toy_shapes
+        import train_step
+
+        net, _ = train_step.new_controlnet(model, torch.float32)
+        control_model = net.control_model.train()
+        parameters = list(control_model.parameters())
+        optimizer = torch.optim.AdamW(parameters, lr=study.controlnet_lr, betas=(0.9, 0.999), weight_decay=1e-2,
+                                      eps=1e-8)
+        generator = torch.Generator().manual_seed(seed)
+        order: list[int] = []
+
+        def step():
+            nonlocal order
+            while len(order) < study.batch:
+                order += torch.randperm(len(latents), generator=generator).tolist()
+            indices, order = order[:study.batch], order[study.batch:]
+            noisy, noise, timesteps = noisy_batch(latents[indices], generator)
+            with torch.autocast("cpu", dtype=COMPUTE_DTYPE):
+                context = toy_shapes.conditioning(len(indices))[0][0]
+                residuals = control_model(x=noisy, hint=controls[indices], timesteps=timesteps.float(),
+                                          context=context)
+                prediction = unet_call(model, noisy, timesteps,
+                                       control=net.control_merge(residuals, None, output_dtype=None))
+            loss = F.mse_loss(prediction.float(), noise)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, train_step.CONTROLNET_MAX_GRAD_NORM)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        def samples():
+            control_model.eval()
+            try:
+                return controlnet_samples(model, net, heldout, study)
+            finally:
+                control_model.train()
+
+        result["trained_parameters"] = sum(p.numel() for p in parameters)
+        optimizer_of = optimizer
+        contexts = []
+    else:
+        import toy_shapes
+
+        train_unet = METHODS[method][1]
+        settings = train.TrainingSettings(family="sd15", steps=study.checkpoints[-1], batch_size=study.batch,
+                                          encoder_lr=study.encoder_lr, unet_lr=study.unet_lr, train_unet=train_unet,
+                                          seed=seed)
+        state = dict(unet.named_parameters())
+        names = train.trainable_unet_names(state, "sd15") if train_unet else []
+        trainer = train.Trainer(train.new_encoder(seed), {n: state[n] for n in names}, settings)
+        denoiser = nodes_train.ComfyDenoiser(model, "sd15")
+
+        def step():
+            indices = trainer.batch_indices(len(latents))
+            context = toy_shapes.conditioning(len(indices))[0][0]
+            trainer.step(denoiser, train.TrainingBatch(latents[indices], controls[indices], (context, None)),
+                         autocast_dtype=COMPUTE_DTYPE)
+
+        def samples():
+            return controlnext_samples(model, trainer, f"{method} seed {seed}", heldout, study)
+
+        parameters = trainer.trainable_parameters()
+        result["trained_parameters"] = sum(p.numel() for p in parameters)
+        optimizer_of = trainer.optimizer
+        contexts = [lambda: nodes_train.trained_weights_in(unet, trainer.unet_parameters)]
+
+    def evaluate(done: int) -> None:
+        latents_out = samples()
+        ious, pictures = score(autoencoder, latents_out, heldout)
+        result["steps"].append(done)
+        result["iou"].append(ious)
+        if done in study.grid_steps:
+            result["grid"][done] = (pictures * 255).round().to(torch.uint8).numpy()
+
+    started = time.process_time()
+    done = 0
+    evaluate(0)
+    for checkpoint in study.checkpoints[1:]:
+        with contextlib.ExitStack() as stack:
+            for context in contexts:
+                stack.enter_context(context())
+            while done < checkpoint:
+                record = measured_step(step, probe if done == 2 else None)
+                done += 1
+                result["step_cpu_s"].append(record["cpu_s"])
+                if "peak_bytes" in record:
+                    result["peak_step_bytes"] = record["peak_bytes"]
+        evaluate(done)
+    import train_step
+
+    # trained weights and optimiser state, which live through the whole run beside the step's peak
+    result["persistent_bytes"] = train_step.tensor_bytes(parameters) + train_step.optimizer_state_bytes(optimizer_of)
+    result["run_cpu_s"] = time.process_time() - started
+    if job.get("release") and method != "controlnet":
+        save_release(trainer, model, job["release"])
+    return result
+
+
+def save_release(trainer, model, folder: str) -> None:
+    """The trained ControlNeXt as Save ControlNeXt writes it (``folder``/controlnet.safetensors, and
+    unet.safetensors when the UNet subset was trained)."""
+    train, nodes_train = comfy_host.pack("controlnext_core.train"), comfy_host.pack("nodes.train")
+    names = nodes_train.diffusers_names(model)
+    state = dict(model.model.diffusion_model.named_parameters())
+    unet = {names[k]: v for k, v in train.release_unet_weights(
+        trainer.trained_unet(), {k: state[k] for k in trainer.unet_parameters}, "sd15").items()}
+    metadata = train.release_metadata("sd15", trainer.settings.control_scale, trainer.steps_done, "toy shapes base")
+    train.save_release(folder, trainer.finish(), unet or None, metadata, overwrite=True)
+
+
+# --- the study ----------------------------------------------------------------------------------
+
+def build_world(study: Study, folder: str) -> dict:
+    """Data, autoencoder and base, saved into ``folder`` for the workers (and reused from there when
+    it already holds them); returns what the report says about them."""
+    import toy_shapes
+
+    summary_path = os.path.join(folder, "world.pt")
+    if os.path.exists(summary_path):
+        return torch.load(summary_path, weights_only=False)
+    started = time.process_time()
+    pictures = toy_shapes.draw_pictures(study.train_pictures, 0)
+    heldout = toy_shapes.draw_pictures(study.heldout_pictures, HELDOUT_SEED)
+    controls, heldout_controls = controls_of(pictures), controls_of(heldout)
+    drawn = time.process_time()
+    autoencoder, autoencoder_loss = train_autoencoder(pictures, study)
+    with torch.no_grad():
+        latents = torch.cat([autoencoder.encode(chunk) for chunk in pictures.split(256)])
+        reconstructed = autoencoder.decode(autoencoder.encode(heldout))
+    encoded = time.process_time()
+    model, base_losses = train_base(latents, study)
+    based = time.process_time()
+    toy_shapes.save_checkpoint(os.path.join(folder, "toy_base.safetensors"), model, autoencoder,
+                               {"steps": str(study.base_steps)})
+    torch.save({"latents": latents, "controls": controls, "heldout_controls": heldout_controls},
+               os.path.join(folder, "data.pt"))
+    uncontrolled, base_pictures = score(autoencoder, sample(model, study.heldout_pictures, study), heldout_controls)
+    release_comfy_models()
+    ceiling = toy_shapes.edge_iou(reconstructed, heldout_controls, canny).tolist()
+    world = {
+        "cpu_s": {"data": drawn - started, "autoencoder": encoded - drawn, "base": based - encoded},
+        "autoencoder_final_l1": autoencoder_loss,
+        "base_loss_first_last_100": [float(np.mean(base_losses[:100])), float(np.mean(base_losses[-100:]))],
+        "base_parameters": sum(p.numel() for p in model.model.diffusion_model.parameters()),
+        "uncontrolled_iou": uncontrolled,
+        "reconstruction_iou": ceiling,
+        "pictures": (heldout * 255).round().to(torch.uint8).numpy(),
+        "controls": (heldout_controls * 255).round().to(torch.uint8).numpy(),
+        "base_samples": (base_pictures * 255).round().to(torch.uint8).numpy(),
+    }
+    torch.save(world, summary_path)
+    return world
+
+
+def steps_to_fraction(steps: list[int], values: list[float], final: float, start: float, fraction: float = 0.9):
+    """The first checkpoint from which the curve stays at or above ``start + fraction (final - start)``;
+    None when it never gets there (or the final value is not above the start)."""
+    if final <= start:
+        return None
+    target = start + fraction * (final - start)
+    for index, step in enumerate(steps):
+        if all(v >= target for v in values[index:]):
+            return step
+    return None
+
+
+def summarise(world: dict, runs: list[dict], study: Study) -> dict:
+    uncontrolled = float(np.mean(world["uncontrolled_iou"]))
+    methods = {}
+    for method, (label, _) in METHODS.items():
+        mine = [r for r in runs if r["method"] == method]
+        if not mine:
+            continue
+        steps = mine[0]["steps"]
+        per_seed = np.array([[np.mean(ious) for ious in r["iou"]] for r in mine])  # [seeds, checkpoints]
+        mean = per_seed.mean(axis=0)
+        final = float(mean[-1])
+        step_cpu = [t for r in mine for t in r["step_cpu_s"][3:]]  # after the warm-up steps
+        methods[method] = {
+            "label": label, "steps": steps, "mean_iou": mean.tolist(), "min_iou": per_seed.min(axis=0).tolist(),
+            "max_iou": per_seed.max(axis=0).tolist(), "per_seed_iou": per_seed.tolist(),
+            "final_iou": final, "step0_iou": float(mean[0]),
+            "steps_to_90pct_of_final": steps_to_fraction(steps, mean.tolist(), final, 0.0),
+            "steps_to_90pct_of_gain_over_base": steps_to_fraction(steps, mean.tolist(), final, uncontrolled),
+            "trained_parameters": mine[0]["trained_parameters"],
+            "step_cpu_s_median": float(np.median(step_cpu)) if step_cpu else None,
+            "peak_step_bytes": int(np.median([r["peak_step_bytes"] for r in mine if "peak_step_bytes" in r]))
+            if any("peak_step_bytes" in r for r in mine) else None,
+            "persistent_bytes": mine[0]["persistent_bytes"],
+        }
+    return {"uncontrolled_iou": uncontrolled, "reconstruction_iou": float(np.mean(world["reconstruction_iou"])),
+            "methods": methods}
+
+
+def plot(summary: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7.5, 4.2), dpi=110)
+    axes = figure.add_subplot(1, 1, 1)
+    colours = {"controlnext": "tab:blue", "controlnext_encoder": "tab:cyan", "controlnet": "tab:red"}
+    for method, data in summary["methods"].items():
+        x = [max(s, 1) if s else 0 for s in data["steps"]]
+        axes.plot(x, data["mean_iou"], marker="o", color=colours[method], label=data["label"])
+        axes.fill_between(x, data["min_iou"], data["max_iou"], color=colours[method], alpha=0.18)
+    axes.axhline(summary["uncontrolled_iou"], color="grey", linestyle="--", label="uncontrolled base")
+    axes.axhline(summary["reconstruction_iou"], color="black", linestyle=":",
+                 label="autoencoder's reconstruction (ceiling)")
+    axes.set_xscale("symlog", linthresh=25)
+    axes.set_xlabel("training step (batch %d)" % summary["batch"])
+    axes.set_ylabel("edge IoU with the control (held-out)")
+    axes.set_title("Following the control while training (mean, band: min-max over seeds)")
+    axes.legend(fontsize=8, loc="upper left")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def grid(world: dict, runs: list[dict], study: Study, path: str, rows: int = 4) -> None:
+    """Rows: held-out controls. Columns: picture, control, uncontrolled base, then each method
+    at the grid steps (first seed)."""
+    from PIL import Image, ImageDraw
+
+    size = world["pictures"].shape[1]
+    columns = [("picture", world["pictures"]), ("control", world["controls"]), ("base", world["base_samples"])]
+    for method in METHODS:
+        first = next((r for r in runs if r["method"] == method and r["seed"] == study.seeds[0]), None)
+        if first is None:
+            continue
+        for step in study.grid_steps:
+            short = {"controlnext": "CNX+U", "controlnext_encoder": "CNX", "controlnet": "CN"}[method]
+            columns.append((f"{short} {step}", first["grid"][step]))
+    header = 14
+    canvas = Image.new("RGB", (len(columns) * (size + 2), header + min(rows, len(world["pictures"])) * (size + 2)),
+                       "white")
+    draw = ImageDraw.Draw(canvas)
+    for c, (title, images) in enumerate(columns):
+        draw.text((c * (size + 2) + 2, 1), title, fill="black")
+        for r in range(min(rows, len(images))):
+            canvas.paste(Image.fromarray(images[r]), (c * (size + 2), header + r * (size + 2)))
+    canvas.save(path)
+
+
+def table(summary: dict) -> str:
+    lines = ["| method | trainable parameters | IoU at step 0 | final IoU (step %d) | steps to 90 %% of final IoU "
+             "| steps to 90 %% of the gain over the base | CPU time per step | peak memory per step (+ weights and "
+             "optimiser state) |" % summary["last_step"],
+             "|---|---|---|---|---|---|---|---|"]
+    for data in summary["methods"].values():
+        def steps(value):
+            return "not reached" if value is None else str(value)
+        peak = data["peak_step_bytes"]
+        lines.append(
+            f"| {data['label']} | {data['trained_parameters'] / 1e6:.2f} M | {data['step0_iou']:.3f} | "
+            f"{data['final_iou']:.3f} | {steps(data['steps_to_90pct_of_final'])} | "
+            f"{steps(data['steps_to_90pct_of_gain_over_base'])} | {data['step_cpu_s_median']:.3f} s | "
+            f"{'–' if peak is None else f'{peak / 2 ** 20:.0f} MiB'} (+ {data['persistent_bytes'] / 2 ** 20:.0f} MiB) |")
+    lines.append(f"| uncontrolled base | – | {summary['uncontrolled_iou']:.3f} | – | – | – | – | – |")
+    lines.append(f"| autoencoder reconstruction (ceiling) | – | {summary['reconstruction_iou']:.3f} | – | – | – | – | – |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="full",
+                        help="full: the study; quick: a one-minute smoke run (CI); server: the world and one "
+                             "ControlNeXt for tests/test_host_convergence.py (with --release)")
+    parser.add_argument("--quick", action="store_const", dest="preset", const="quick", help="--preset quick")
+    parser.add_argument("--release", help="save the first seed's ControlNeXt here as a release, and the toy base "
+                                          "beside it (toy_base.safetensors)")
+    parser.add_argument("--workers", type=int, default=2, help="training runs at once (one torch thread each)")
+    parser.add_argument("--results", default=RESULTS, help="folder for convergence.json and convergence.md")
+    parser.add_argument("--figures", default=FIGURES, help="folder for the plot and the sample grid")
+    parser.add_argument("--world", help="keep the data, autoencoder and base in this folder, or reuse them from "
+                                        "it (default: a temporary folder)")
+    args = parser.parse_args(argv)
+    study = PRESETS[args.preset]
+    _worker_setup()
+    torch.set_num_threads(args.workers)  # the world is built by this process alone
+    wall = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        folder = args.world or stack.enter_context(tempfile.TemporaryDirectory(prefix="controlnext_convergence_"))
+        os.makedirs(folder, exist_ok=True)
+        world = build_world(study, folder)
+        torch.set_num_threads(1)
+        print(f"world built: {world['cpu_s']} CPU s; uncontrolled IoU {np.mean(world['uncontrolled_iou']):.3f}, "
+              f"reconstruction IoU {np.mean(world['reconstruction_iou']):.3f}", flush=True)
+        jobs = [{"method": m, "seed": s, "world": folder, "study": dataclasses.asdict(study),
+                 "release": os.path.join(args.release, "controlnext") if args.release and s == study.seeds[0] and
+                 m == study.methods[0] else None}
+                for s in study.seeds for m in study.methods]
+        if args.release:
+            os.makedirs(args.release, exist_ok=True)
+            shutil.copy(os.path.join(folder, "toy_base.safetensors"), args.release)
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=context,
+                                                    initializer=_worker_setup) as pool:
+            runs = []
+            for result in pool.map(run, jobs):
+                runs.append(result)
+                print(f"{result['method']} seed {result['seed']}: IoU "
+                      + " ".join(f"{s}:{np.mean(v):.3f}" for s, v in zip(result["steps"], result["iou"]))
+                      + f" ({result['run_cpu_s']:.0f} CPU s)", flush=True)
+    summary = summarise(world, runs, study)
+    summary.update(batch=study.batch, last_step=study.checkpoints[-1])
+    os.makedirs(args.results, exist_ok=True)
+    os.makedirs(args.figures, exist_ok=True)
+    plot(summary, os.path.join(args.figures, "convergence.png"))
+    grid(world, runs, study, os.path.join(args.figures, "convergence_samples.png"))
+    cpu_total = sum(world["cpu_s"].values()) + sum(r["run_cpu_s"] for r in runs)
+    report = {
+        "date": datetime.date.today().isoformat(), "preset": args.preset, "machine": platform.machine(),
+        "cpu": _cpu_name(), "torch": torch.__version__,
+        "settings": dataclasses.asdict(study), "wall_s": time.perf_counter() - wall, "cpu_s": cpu_total,
+        "world": {k: v for k, v in world.items() if k not in ("pictures", "controls", "base_samples")},
+        "summary": summary,
+        "runs": [{k: v for k, v in r.items() if k != "grid"} for r in runs],
+    }
+    with open(os.path.join(args.results, "convergence.json"), "w") as file:
+        json.dump(report, file, indent=1)
+    text = table(summary)
+    with open(os.path.join(args.results, "convergence.md"), "w") as file:
+        file.write(text + "\n")
+    print(text)
+    print(f"{report['wall_s']:.0f} s wall, {cpu_total:.0f} CPU s")
+
+
+def _cpu_name() -> str:
+    from denoiser import device_name
+
+    return device_name(torch.device("cpu"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,7 +1,8 @@
 """queue WORKFLOW.json --server URL [--set NODE.input=value ...] [--image NODE=path ...] --out DIR [--previews]
 
 Queues a ComfyUI workflow headless, shows progress, and downloads what it saved. The exit code
-says what happened (see ``Exit``), so scripts can react without parsing text.
+says what happened (see ``Exit``), so scripts can react without parsing text. ``queue batch ...``
+runs a jobs file over several servers (batch.py), with these functions.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 
 from .client import ComfyClient
@@ -31,7 +33,8 @@ def parse_args(argv):
                     "and download its saved images.",
         epilog="Exit codes: 0 success, 2 usage, 3 server unreachable, 4 workflow refused (node_errors), "
                "5 unknown node type, 6 model file missing on the server, 7 a node failed, 8 interrupted, "
-               "9 connection lost while running, 10 --timeout passed.")
+               "9 connection lost while running, 10 --timeout passed. Many jobs over several servers: "
+               "python -m controlnext_queue batch --help.")
     parser.add_argument("workflow", help="workflow JSON: API format (Export (API)) or UI format (Save); a UI file "
                                          "is converted with the server's /object_info")
     parser.add_argument("--server", default="http://127.0.0.1:8188", help="ComfyUI address (default %(default)s)")
@@ -56,6 +59,11 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["batch"]:
+        from .batch import main as batch_main  # here, not at the top: batch imports this module
+
+        return batch_main(argv[1:])
     args = parse_args(argv)
     try:
         return run(args)
@@ -73,15 +81,7 @@ def run(args) -> int:
     workflow = load_workflow(args.workflow)
     client = ComfyClient(args.server)
     object_info = client.object_info()
-    if is_ui_format(workflow):
-        prompt = ui_to_api(workflow, object_info)
-        print(f"converted the UI-format workflow to API format ({len(prompt)} nodes)", file=sys.stderr)
-    elif all(isinstance(node, dict) and "class_type" in node for node in workflow.values()):
-        prompt = workflow
-        check_node_types(prompt, object_info)
-    else:
-        raise QueueError(Exit.USAGE, f"{args.workflow} is neither a UI-format workflow (Save) nor an API-format one "
-                                     f"(Export (API)).")
+    prompt = api_prompt(workflow, args.workflow, object_info)
     for reference, path in images:
         node_id = image_node(prompt, reference, object_info)
         prompt[node_id]["inputs"]["image"] = client.upload_image(path)
@@ -101,6 +101,19 @@ def run(args) -> int:
     print(f"queued prompt {prompt_id} ({len(prompt)} nodes) on {client.server}", file=sys.stderr)
     entry = wait(client, websocket, prompt_id, prompt, object_info, args.timeout)
     return finish(client, entry, prompt_id, prompt, object_info, args.out, args.previews)
+
+
+def api_prompt(workflow: dict, path: str, object_info: dict) -> dict:
+    """The workflow read from ``path`` in API format, its node types checked against the server's."""
+    if is_ui_format(workflow):
+        prompt = ui_to_api(workflow, object_info)
+        print(f"converted the UI-format workflow to API format ({len(prompt)} nodes)", file=sys.stderr)
+        return prompt
+    if all(isinstance(node, dict) and "class_type" in node for node in workflow.values()):
+        check_node_types(workflow, object_info)
+        return workflow
+    raise QueueError(Exit.USAGE, f"{path} is neither a UI-format workflow (Save) nor an API-format one "
+                                 f"(Export (API)).")
 
 
 def connect_websocket(client: ComfyClient) -> WebSocket | None:
@@ -147,22 +160,29 @@ def refusal(status: int, answer: dict, prompt: dict, object_info: dict) -> Queue
 
 
 def wait(client: ComfyClient, websocket: WebSocket | None, prompt_id: str, prompt: dict, object_info: dict,
-         timeout: float | None) -> dict:
+         timeout: float | None, show_progress: bool = True, cancelled: threading.Event | None = None) -> dict:
     """Follows the prompt until the server has its history entry; returns that entry.
 
     The websocket drives the progress bars and says when to look; the verdict always comes
     from /history, which also covers a websocket that dropped while the server stayed up.
+    Without ``show_progress`` nothing is written (the batch command shows its own progress);
+    ``cancelled`` stops the wait with Exit.INTERRUPTED, the prompt left on the server.
     """
-    display = ProgressDisplay(prompt, object_info)
+    display = ProgressDisplay(prompt, object_info) if show_progress else None
     deadline = None if timeout is None else time.monotonic() + timeout
     last_check = time.monotonic()
     try:
         while True:
+            if cancelled is not None and cancelled.is_set():
+                raise QueueError(Exit.INTERRUPTED, f"stopped waiting for prompt {prompt_id} (cancelled).")
             if deadline is not None and time.monotonic() > deadline:
                 raise QueueError(Exit.TIMEOUT, f"prompt {prompt_id} did not finish within {timeout:g} s; it stays "
                                                f"queued on the server (POST /interrupt stops it).")
+            idle_check_due = time.monotonic() - last_check > IDLE_CHECK_SECONDS
+            if idle_check_due:
+                last_check = time.monotonic()
             if websocket is None:
-                entry = client.history(prompt_id)
+                entry = history_unless_lost(client, prompt_id) if idle_check_due else client.history(prompt_id)
                 if finished(entry):
                     return entry
                 time.sleep(HISTORY_POLL_SECONDS)
@@ -173,44 +193,62 @@ def wait(client: ComfyClient, websocket: WebSocket | None, prompt_id: str, promp
             except (socket.timeout, TimeoutError):
                 message = None
             except (ConnectionClosed, OSError) as error:
-                display.close()
-                print(f"the websocket dropped ({error}); polling /history", file=sys.stderr)
+                if display is not None:
+                    display.close()
+                    print(f"the websocket dropped ({error}); polling /history", file=sys.stderr)
                 websocket = None
                 continue
             if isinstance(message, str) and show(display, json.loads(message), prompt_id):
                 entry = settled_history(client, prompt_id)
                 if entry is not None:
                     return entry
-            elif time.monotonic() - last_check > IDLE_CHECK_SECONDS:  # in case a message was missed
-                last_check = time.monotonic()
-                entry = client.history(prompt_id)
+            elif idle_check_due:  # in case a message was missed, or the server lost the prompt
+                entry = history_unless_lost(client, prompt_id)
                 if finished(entry):
                     read_to_end(websocket, display, prompt_id)
                     return entry
     finally:
-        display.close()
+        if display is not None:
+            display.close()
         if websocket is not None:
             websocket.close()
 
 
-def show(display: ProgressDisplay, event: dict, prompt_id: str) -> bool:
-    """Updates the display from one websocket message; True when the prompt has ended."""
+def history_unless_lost(client: ComfyClient, prompt_id: str) -> dict | None:
+    """The prompt's history entry (None while it waits or runs); QueueError(CONNECTION_LOST) when
+    the server no longer has it anywhere: a restarted server forgets its queue, and a prompt
+    deleted from the queue never gets an entry, so waiting longer would never end."""
+    entry = client.history(prompt_id)
+    if finished(entry) or client.has_queued(prompt_id):
+        return entry
+    entry = client.history(prompt_id)  # it may have finished between the two reads
+    if finished(entry):
+        return entry
+    raise QueueError(Exit.CONNECTION_LOST, f"prompt {prompt_id} is no longer on {client.server}: not queued, not "
+                                           f"running, not in its history. The server restarted or its queue was "
+                                           f"cleared; queue the workflow again.")
+
+
+def show(display: ProgressDisplay | None, event: dict, prompt_id: str) -> bool:
+    """Updates the display (if any) from one websocket message; True when the prompt has ended."""
     data = event.get("data") or {}
     if data.get("prompt_id") not in (None, prompt_id):
         return False
     kind = event.get("type")
     node = None if data.get("node") is None else str(data["node"])
-    if kind == "execution_cached":
-        display.cached([str(n) for n in data.get("nodes", [])])
-    elif kind == "executing":
-        display.executing(node)
+    if display is not None:
+        if kind == "execution_cached":
+            display.cached([str(n) for n in data.get("nodes", [])])
+        elif kind == "executing":
+            display.executing(node)
+        elif kind == "progress":
+            display.progress(node, data.get("value", 0), data.get("max", 1))
+    if kind == "executing":
         return node is None and data.get("prompt_id") == prompt_id
-    elif kind == "progress":
-        display.progress(node, data.get("value", 0), data.get("max", 1))
     return kind in ("execution_success", "execution_error", "execution_interrupted")
 
 
-def read_to_end(websocket: WebSocket, display: ProgressDisplay, prompt_id: str) -> None:
+def read_to_end(websocket: WebSocket, display: ProgressDisplay | None, prompt_id: str) -> None:
     """Shows the prompt's messages that are still to be read once /history has its entry, up to
     the prompt's end: the client may be behind the server, and the server writes the entry before
     it sends the closing ``executing``. Stops early if the socket stays quiet for its timeout."""
@@ -239,8 +277,8 @@ def settled_history(client: ComfyClient, prompt_id: str, grace: float = 5.0) -> 
         time.sleep(0.1)
 
 
-def finish(client: ComfyClient, entry: dict, prompt_id: str, prompt: dict, object_info: dict, out: str,
-           download_previews: bool) -> int:
+def check_outcome(entry: dict, prompt_id: str, prompt: dict, object_info: dict) -> None:
+    """Raises the run's failure (interrupted: Exit.INTERRUPTED; a node failed: Exit.EXECUTION_ERROR)."""
     status = entry.get("status", {})
     messages = {kind: data for kind, data in status.get("messages", [])}
     if "execution_interrupted" in messages:
@@ -255,7 +293,10 @@ def finish(client: ComfyClient, entry: dict, prompt_id: str, prompt: dict, objec
         node = prompt.get(node_id, {"class_type": data.get("node_type", "?")})
         message = (data.get("exception_message") or "").strip() or data.get("exception_type") or "no message"
         raise QueueError(Exit.EXECUTION_ERROR, f"{describe(node_id, node, object_info)} failed: {message}")
-    os.makedirs(out, exist_ok=True)
+
+
+def output_files(entry: dict) -> tuple[list[dict], dict[str, list[dict]]]:
+    """The saved files ({filename, subfolder, type}) of a finished run, and its previews by node id."""
     results, previews = [], {}
     for node_id, output in entry.get("outputs", {}).items():
         for files in output.values():
@@ -266,6 +307,14 @@ def finish(client: ComfyClient, entry: dict, prompt_id: str, prompt: dict, objec
                     results.append(file)
                 else:  # a preview: what the editor shows on the node, in the server's temp folder
                     previews.setdefault(node_id, []).append(file)
+    return results, previews
+
+
+def finish(client: ComfyClient, entry: dict, prompt_id: str, prompt: dict, object_info: dict, out: str,
+           download_previews: bool) -> int:
+    check_outcome(entry, prompt_id, prompt, object_info)
+    os.makedirs(out, exist_ok=True)
+    results, previews = output_files(entry)
     saved = [client.download(file, out) for file in results]
     preview_folder = os.path.join(out, PREVIEW_FOLDER)
     preview_count = sum(len(files) for files in previews.values())

@@ -62,15 +62,29 @@ class ComfyClient:
     def history(self, prompt_id: str, lost: Exit = Exit.CONNECTION_LOST) -> dict | None:
         return self.get_json(f"/history/{urllib.parse.quote(prompt_id)}", lost=lost).get(prompt_id)
 
-    def upload_image(self, path: str) -> str:
-        """Uploads into the server's input folder; returns the name a LoadImage node takes."""
+    def has_queued(self, prompt_id: str) -> bool:
+        """Whether the prompt is running or waiting in the server's queue."""
+        state = self.get_json("/queue", lost=Exit.CONNECTION_LOST)
+        return any(len(item) > 1 and item[1] == prompt_id
+                   for item in state.get("queue_running", []) + state.get("queue_pending", []))
+
+    def cancel(self, prompt_id: str) -> None:
+        """Takes the prompt out of the queue if it waits there, and interrupts it if it runs (the
+        server ignores a prompt_id that is not running: another client's prompt goes on)."""
+        headers = {"Content-Type": "application/json"}
+        self.request("POST", "/queue", json.dumps({"delete": [prompt_id]}).encode(), headers)
+        self.request("POST", "/interrupt", json.dumps({"prompt_id": prompt_id}).encode(), headers)
+
+    def upload_image(self, path: str, name: str | None = None) -> str:
+        """Uploads into the server's input folder, as ``name`` (default: the file's own name);
+        returns the name a LoadImage node takes."""
         try:
             with open(path, "rb") as file:
                 data = file.read()
         except OSError as error:
             raise QueueError(Exit.USAGE, f"cannot read the image {path}: {error.strerror}") from None
         boundary = uuid.uuid4().hex
-        filename = os.path.basename(path)
+        filename = name or os.path.basename(path)
         content_type = mimetypes.guess_type(filename)[0] or "application/octet-stream"
         fields = [(b'name="image"; filename="' + filename.encode() + b'"', content_type.encode(), data),
                   (b'name="overwrite"', b"text/plain", b"true"),

@@ -17,6 +17,7 @@ class Exit(enum.IntEnum):
     INTERRUPTED = 8  # the prompt was interrupted (Cancel in the editor, POST /interrupt)
     CONNECTION_LOST = 9  # the server went away while the prompt ran
     TIMEOUT = 10  # --timeout passed before the prompt finished
+    BATCH_INCOMPLETE = 11  # batch: some jobs failed (the summary and the manifest say which and why)
 
 
 class QueueError(Exception):

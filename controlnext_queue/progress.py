@@ -80,3 +80,59 @@ class ProgressDisplay:
 
     def close(self) -> None:
         self._finish_line()
+
+
+def duration(seconds: float) -> str:
+    """``42s``, ``5m20s``, ``1h02m``."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def batch_line(total: int, done: int, failed: int, running: int, ended_here: int, elapsed: float) -> str:
+    """The batch's progress line. ``done`` counts the jobs skipped as done by an earlier run;
+    throughput and ETA come from the ``ended_here`` jobs that ended in this run."""
+    ended = done + failed
+    filled = round(BAR_WIDTH * ended / max(total, 1))
+    line = (f"[{'#' * filled}{'-' * (BAR_WIDTH - filled)}] {ended}/{total} jobs: {done} done, {failed} failed, "
+            f"{running} running")
+    if ended_here and elapsed > 0:
+        per_minute = ended_here / elapsed * 60
+        line += f" | {per_minute:.1f} jobs/min | ETA {duration((total - ended) / per_minute * 60)}"
+    return line
+
+
+class BatchProgress:
+    """One line for a whole batch (``batch_line``). On a terminal it is redrawn in place and notes
+    print above it; on a pipe or file it is written when jobs have ended since the last one, at
+    most every ``LOG_SECONDS``, and at the end, so logs stay short."""
+
+    LOG_SECONDS = 10.0
+
+    def __init__(self, total: int, stream=None):
+        self.total = total
+        self.stream = stream or sys.stderr
+        self.interactive = self.stream.isatty()
+        self.line = ""
+        self._written_ended = -1
+        self._written_at = float("-inf")
+
+    def update(self, done: int, failed: int, running: int, ended_here: int, elapsed: float, final: bool = False):
+        self.line = batch_line(self.total, done, failed, running, ended_here, elapsed)
+        if self.interactive:
+            self.stream.write("\r\x1b[K" + self.line + ("\n" if final else ""))
+        elif final or (done + failed != self._written_ended and elapsed - self._written_at >= self.LOG_SECONDS):
+            self._written_ended, self._written_at = done + failed, elapsed
+            self.stream.write(self.line + "\n")
+        self.stream.flush()
+
+    def note(self, text: str) -> None:
+        """A line of its own (per-job lines, servers set aside), above the progress line."""
+        if self.interactive:
+            self.stream.write("\r\x1b[K" + text + "\n" + self.line)
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()

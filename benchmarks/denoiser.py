@@ -44,6 +44,8 @@ GPU_PIXELS = {"sd15": (512, 512), "sdxl": (1024, 1024), "svd": (576, 1024)}
 GPU_FRAMES = {"svd": 14}
 QUICK = dict(pixels=(64, 64), frames=2)
 SCHEDULE_STEPS = 1000  # long enough for every slot of the benchmark to have steps of its own
+# Variants measuring what a schedule saves and what a second control costs (README, Benchmarks)
+HALF_SCHEDULE, TWO_CONTROLS = "controlnext_half_schedule", "controlnext_two"
 CFG = 2.5
 
 
@@ -349,6 +351,9 @@ def main() -> None:
         variants[f"controlnext_refresh{args.refresh}"] = {"model": refresh, "positive": positive, "negative": negative,
                                                           "calls": args.refresh}
         param_bytes[f"controlnext_refresh{args.refresh}"] = param_bytes["controlnext"]
+    for name, (variant_model, calls, extra_bytes) in schedule_variants(family, model, file, image).items():
+        variants[name] = {"model": variant_model, "positive": positive, "negative": negative, "calls": calls}
+        param_bytes[name] = param_bytes["controlnext"] + extra_bytes
     if clock == "cpu":  # the in-call attribution (one thread: everything runs on this thread)
         for name, variant in variants.items():
             if name == "bare":
@@ -417,6 +422,12 @@ def main() -> None:
         if "controlnet" in times:
             result["overhead_in_call_vs_controlnet"] = (result["overhead_in_call"]["controlnext"]
                                                         / result["overhead_in_call"]["controlnet"])
+    # what the schedule saves and a second control costs, as shares of one exact ControlNeXt's added time
+    result["schedule"] = {}
+    for label, added in (("", result["overhead"]), ("_in_call", result.get("overhead_in_call"))):
+        if added is not None:
+            result["schedule"][f"half_zero_vs_exact{label}"] = added[HALF_SCHEDULE] / added["controlnext"]
+            result["schedule"][f"two_vs_one{label}"] = added[TWO_CONTROLS] / added["controlnext"]
     bare_memory = param_bytes["unet"] + transient["bare"]
     result["memory"] = {
         "method": "CUDA allocator peak" if device.type == "cuda" else
@@ -439,6 +450,27 @@ def refresh_variant(family: str, model, file, image, k: int):
         return None
     apply = comfy_host.pack("nodes.apply")
     return apply.ApplyControlNeXt.execute(model, file, image, 1.0, 0.0, 1.0, refresh_every=k).result[0]
+
+
+def schedule_variants(family: str, model, file, image) -> dict[str, tuple]:
+    """name -> (patched model, calls per round, added weight bytes): ControlNeXt at strength 0 on every
+    other step (a per-step list; a round covers one step on and one off), and a second ControlNeXt (another
+    random file of the same layout, its own image encoding) on top of the first."""
+    every_other = comfy_host.pack("nodes.schedule").StrengthPerStepNode.execute(
+        ", ".join(["1", "0"] * (SCHEDULE_STEPS // 2))).result[0]
+    second = comfy_host.controlnext_file(SETTINGS[family]["layout"], seed=1)
+    if family == "svd":
+        node = comfy_host.pack("nodes.video").ApplyControlNeXtSVD
+
+        def apply(base, controlnext, **options):
+            return node.execute(base, controlnext, image, 1.0, 0.0, 1.0, "error", False, **options).result[0]
+    else:
+        node = comfy_host.pack("nodes.apply").ApplyControlNeXt
+
+        def apply(base, controlnext, **options):
+            return node.execute(base, controlnext, image, 1.0, 0.0, 1.0, **options).result[0]
+    return {HALF_SCHEDULE: (apply(model, file, schedule=every_other), 2, 0),
+            TWO_CONTROLS: (apply(apply(model, file), second), 1, parameter_bytes(second.encoder))}
 
 
 def device_name(device: torch.device) -> str:

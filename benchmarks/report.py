@@ -62,6 +62,11 @@ def targets(summary: dict) -> list[dict]:
         elif key == "svd":
             add(f"{name}: time overhead <= 4 %", overhead, 0.04, ours)
         add(f"{name}: extra peak memory <= 5 %", family["memory"]["extra_fraction"]["controlnext"], 0.05)
+        schedule = family.get("schedule", {})
+        add(f"{name}: strength 0 on half the steps <= 0.6 x exact's added time", schedule.get("half_zero_vs_exact"),
+            0.6, schedule.get("half_zero_vs_exact_in_call"))
+        add(f"{name}: two ControlNeXts <= 2.2 x one's added time", schedule.get("two_vs_one"), 2.2,
+            schedule.get("two_vs_one_in_call"))
     return rows
 
 
@@ -111,6 +116,24 @@ def markdown(summary: dict) -> str:
                  overhead_cell(family, "controlnet"), _pct(flops.get("controlnet_ratio"), False), ratio,
                  overhead_cell(family, refresh) if refresh else "–"]
         lines.append("| " + " | ".join(cells) + " |")
+    if any("schedule" in family for family in families.values()):
+        lines += ["", "Schedules and several controls: the added time of ControlNeXt at strength 0 on every other "
+                  "step (a per-step list), and of two ControlNeXts (two files, two images) on one model; "
+                  "÷ exact: as a share of one exact ControlNeXt's" + (" (in-call in brackets)" if cpu_clock else "")
+                  + ".", "", "| model | ControlNeXt | strength 0 on every other step | ÷ exact | two ControlNeXts "
+                  "| ÷ one |", "|---|---|---|---|---|---|"]
+        for key, family in families.items():
+            schedule = family.get("schedule")
+            if not schedule:
+                continue
+
+            def ratio(name: str) -> str:
+                in_call = schedule.get(f"{name}_in_call")
+                return f"{schedule[name]:.2f}" + (f" ({in_call:.2f})" if in_call is not None else "")
+
+            lines.append(f"| {NAMES[key]} | {overhead_cell(family, 'controlnext')} | "
+                         f"{overhead_cell(family, 'controlnext_half_schedule')} | {ratio('half_zero_vs_exact')} | "
+                         f"{overhead_cell(family, 'controlnext_two')} | {ratio('two_vs_one')} |")
     lines += ["", "| model | UNet params | ControlNeXt params | ControlNet params | extra peak memory, ControlNeXt "
               "| extra peak memory, ControlNet |", "|---|---|---|---|---|---|"]
     for key, family in families.items():

@@ -241,7 +241,8 @@ class ControlNeXtPatch:
         rows = h.shape[0] // len(chunks)
         frames = self._control_frames(transformer_options, rows)
         total = self._video_length(transformer_options, rows, frames)
-        gains = self._row_gains(chunks, rows, over_time, frames, total, transformer_options)
+        call = transformer_options.get(CALL_SCALES, {}).get(id(self))
+        gains = self._row_gains(chunks, rows, over_time, self._row_strengths(rows, frames, total), call)
         active = tuple(row for row in range(rows) if any(chunk[row] for chunk in gains))
         if not active:
             return h
@@ -249,7 +250,6 @@ class ControlNeXtPatch:
             sigmas, sigma_values = sigmas[:1].expand(rows), sigma_values[:1] * rows
         unit = self._unit_control(h, sigmas, sigma_values, rows, frames, total, active, transformer_options)
         mask = self._mask_rows(frames, total)
-        call = transformer_options.get(CALL_SCALES, {}).get(id(self))
         reference = self._block_input(h, transformer_options)
         rule = self.controlnext.rule
         pieces = []
@@ -274,10 +274,9 @@ class ControlNeXtPatch:
         run = self._sampling_sigmas(transformer_options) if self.schedule.schedule.step_strengths is not None else None
         return self.schedule.strength(sigma, run)
 
-    def _row_gains(self, chunks, rows: int, over_time: float, frames, total, transformer_options) -> list[list[float]]:
+    def _row_gains(self, chunks, rows: int, over_time: float, per_row: tuple[float, ...],
+                   call: CallScales | None) -> list[list[float]]:
         """The strength of each row of each CFG chunk at this call."""
-        per_row = self._row_strengths(rows, frames, total)
-        call = transformer_options.get(CALL_SCALES, {}).get(id(self))
         if call is not None and len(call.strengths) != rows * len(chunks):
             raise ControlNeXtError(f"The control gave {len(call.strengths)} strengths for {rows * len(chunks)} rows.")
         gains = []

@@ -29,7 +29,8 @@ def test_quick_benchmark_runs_end_to_end_and_writes_table_json_and_chart(tmp_pat
     summary = json.loads((tmp_path / "benchmark.json").read_text())
     assert summary["quick"] and set(summary["families"]) == {"sd15", "sdxl", "svd"}
     for name, family in summary["families"].items():
-        expected = {"bare", "controlnext"} | ({"controlnet"} if name != "svd" else set())
+        expected = {"bare", "controlnext", "controlnext_half_schedule", "controlnext_two"} | \
+            ({"controlnet"} if name != "svd" else set())
         if name != "svd":
             expected.add(f"controlnext_refresh{summary['refresh_k']}")
         assert set(family["median_s"]) == expected
@@ -38,6 +39,7 @@ def test_quick_benchmark_runs_end_to_end_and_writes_table_json_and_chart(tmp_pat
         assert 0 < flops["controlnext"] < flops["controlnext_official"] and flops["unet"] > 0
         assert family["params"]["controlnext"] < family["params"]["unet"]
         assert set(family["memory"]["extra_bytes"]) == expected - {"bare"}
+        assert {"half_zero_vs_exact", "two_vs_one"} <= set(family["schedule"])
     if "controlnet" in summary["families"]["sd15"]["params"]:
         assert summary["families"]["sd15"]["params"]["controlnet"] > summary["families"]["sd15"]["params"]["controlnext"]
     assert {row["target"].split(":")[0] for row in summary["targets"]} == {"SD1.5", "SDXL", "SVD-XT"}

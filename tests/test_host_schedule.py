@@ -255,10 +255,10 @@ def test_frame_strengths_and_masks_act_per_frame_at_the_injection_block(svd_file
         assert_close(out[4 + frame:5 + frame], expected)
 
 
-def sample_video(model, frames: int, guider=None, steps: int = 1) -> torch.Tensor:
+def sample_video(model, frames: int, guider=None, steps: int = 1, conds=(POSITIVE, NEGATIVE)) -> torch.Tensor:
     noise = torch.randn(frames, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     if guider is None:
-        return comfy.sample.sample(model, noise, steps, 2.0, "euler", "karras", POSITIVE, NEGATIVE,
+        return comfy.sample.sample(model, noise, steps, 2.0, "euler", "karras", conds[0], conds[1],
                                    torch.zeros_like(noise), seed=1, disable_pbar=True)
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "karras", steps)
     return guider.sample(noise, torch.zeros_like(noise), comfy.samplers.sampler_object("euler"), sigmas, seed=1,
@@ -280,6 +280,20 @@ def test_frame_strengths_and_masks_follow_the_window_guiders_frames(svd_file, mo
     for (row_strengths, mask), frames in zip(seen, windows):
         assert row_strengths == pytest.approx([gain * strengths[f] for f in frames])
         assert torch.equal(mask, masks[frames])
+
+
+def test_frame_strengths_masks_and_schedules_on_the_control_net_route_match_the_model_route(svd_file):
+    model = tiny_model("svd")
+    poses, masks = control_image(batch=4), frame_masks(4)
+    options = dict(schedule=keyframes((0.0, 1.0, "linear"), (1.0, 0.2)), mask=masks)
+    on_model = sample_video(apply_svd(model, svd_file, poses, frame_strengths=latent_strengths("1, 0.5, 0, 1"),
+                                      **options), 4, steps=2)
+    cnet = schedule_nodes.ControlNetOptionsNode.execute(
+        patch_module.ControlNeXtControlNet(svd_file), latent_strengths=latent_strengths("1, 0.5, 0, 1"),
+        **options).result[0]
+    conds = comfy_nodes.ControlNetApplyAdvanced().apply_controlnet(POSITIVE, NEGATIVE, cnet, poses, 1.0, 0.0, 1.0)
+    assert_close(sample_video(model, 4, steps=2, conds=conds), on_model)
+    assert (on_model - sample_video(model, 4, steps=2)).abs().max() > 1e-4
 
 
 context_windows_fixed = pytest.mark.skipif(

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import host  # skips this module without a ComfyUI host
-from host import apply, assert_close, conditioning, control_image, count_encoder_runs, loaded, sample, tiny_model
+from host import apply, assert_close, conditioning, control_image, count_encoder_runs, sample, tiny_model
 from test_host_reliability_nodes import cheap_model, randomise
 from tiny_unet import UNET_CONFIGS
 

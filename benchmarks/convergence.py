@@ -158,7 +158,7 @@ def train_base(latents: torch.Tensor, study: Study, seed: int = 0):
 
     torch.manual_seed(seed)
     model = toy_shapes.new_base()
-    unet = model.model.diffusion_model
+    unet = model.model.diffusion_model.requires_grad_(True)  # ComfyUI v0.33 builds its layers without gradients
     parameters = list(unet.parameters())
     average = [p.detach().clone() for p in parameters]
     optimizer = torch.optim.AdamW(parameters, lr=study.base_lr, weight_decay=0.0)

@@ -16,6 +16,7 @@ if not COMFYUI_PATH:
     pytest.skip(HOST_SKIP_REASON, allow_module_level=True)
 
 import comfy.sample  # noqa: E402
+import folder_paths  # noqa: E402
 import safetensors.torch  # noqa: E402
 
 from builders import random_encoder_state_dict  # noqa: E402
@@ -45,6 +46,16 @@ def sample(model, family: str, batch: int = 1, cfg: float = 2.0, steps: int = 2,
     negative = negative if negative is not None else conditioning(family, 2)
     return comfy.sample.sample(model, noise, steps, cfg, sampler, "normal", positive, negative, latent,
                                seed=seed, disable_pbar=True)
+
+
+@pytest.fixture
+def models_folder(tmp_path, monkeypatch):
+    """An empty models/controlnext folder for the loaders to list (and Save ControlNeXt to write in)."""
+    folder = tmp_path / "controlnext"
+    folder.mkdir()
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "controlnext", ([str(folder)], set()))
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+    return folder
 
 
 def encoder_file(tmp_path, layout: str, seed: int = 0, name: str | None = None) -> str:

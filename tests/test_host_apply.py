@@ -9,14 +9,14 @@ import safetensors.torch
 import torch
 
 import host  # skips this module without a ComfyUI host
-from host import apply, assert_close, conditioning, control_image, count_encoder_runs, loaded, sample, tiny_model
+from host import (apply, assert_close, conditioning, control_image, count_encoder_runs, loaded,  # noqa: F401
+                  models_folder, sample, tiny_model)  # models_folder: a fixture
 
 import comfy.controlnet
 import comfy.model_management
 import comfy.model_patcher
 import comfy.patcher_extension
 import comfy.supported_models
-import folder_paths
 import nodes as comfy_nodes
 
 FAMILY_LAYOUTS = [("sd15", "mid"), ("sd15", "base"), ("sdxl", "base")]
@@ -264,15 +264,6 @@ def test_control_image_conversions(tmp_path):
 
 
 # --- a "base" file on SD1.5: the SDXL releases' layout, right only for SD1.5-trained files ----
-
-@pytest.fixture
-def models_folder(tmp_path, monkeypatch):
-    folder = tmp_path / "controlnext"
-    folder.mkdir()
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "controlnext", ([str(folder)], set()))
-    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
-    return folder
-
 
 def load_node(folder, name: str, metadata: dict | None = None):
     """A "base" file as Load ControlNeXt reads it from the models folder."""

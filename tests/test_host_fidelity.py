@@ -4,32 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.nn import functional as F
 
 import host  # skips this module without a ComfyUI host
 from host import apply, conditioning, control_image, loaded, sample, tiny_model
+from test_core import SPEC_ROWS as ROWS, official_code_fp32
 from test_host_apply import controlnet_route
 
 video = host.importlib.import_module(f"{host.PACK_NAME}.nodes.video")
 patch_module = host.patch_module
 
-# (family, layout): (pool first, eps, k) as the README's injection table gives them
-ROWS = {("sd15", "mid"): (True, 1e-12, 1.0), ("sd15", "base"): (True, 1e-12, 1.0),
-        ("sdxl", "base"): (False, 1e-12, 1.0), ("svd", "base"): (False, 1e-5, 0.2),
-        ("svd", "svd_v1"): (False, 1e-5, 1.0)}
 SPREADS = [1e-2, 1e-4, 1e-6]
 ROUNDING_SPREAD = 1e-8  # under one rounding of fp32 at the control's magnitude
-
-
-def official_code_fp32(h, c, pool_first, eps, k, scale):
-    if pool_first:
-        c = F.adaptive_avg_pool2d(c, h.shape[-2:])
-    mean_h, std_h = torch.mean(h, dim=(1, 2, 3), keepdim=True), torch.std(h, dim=(1, 2, 3), keepdim=True)
-    mean_c, std_c = torch.mean(c, dim=(1, 2, 3), keepdim=True), torch.std(c, dim=(1, 2, 3), keepdim=True)
-    c = (c - mean_c) * (std_h / (std_c + eps)) + mean_h
-    if not pool_first:
-        c = F.adaptive_avg_pool2d(c, h.shape[-2:])
-    return h + c * scale * k
 
 
 def make_faint(file, spread: float, image: torch.Tensor) -> None:

@@ -11,10 +11,9 @@ import torch
 from PIL import Image
 
 import host  # skips this module without a ComfyUI host
-from host import apply, conditioning, sample, tiny_model
+from host import apply, conditioning, models_folder, sample, tiny_model  # noqa: F401 (models_folder: a fixture)
 
 import comfy.model_management
-import folder_paths
 
 train_nodes = host.importlib.import_module(f"{host.PACK_NAME}.nodes.train")
 loaders = host.loaders
@@ -40,15 +39,6 @@ def run_train(family, steps=4, model=None, **overrides):
                      proportion_empty_prompts=0.0, seed=3, gradient_checkpointing=True, precision="auto")
     arguments.update(overrides)
     return Train.execute(**arguments)
-
-
-@pytest.fixture
-def models_folder(tmp_path, monkeypatch):
-    folder = tmp_path / "controlnext"
-    folder.mkdir()
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "controlnext", ([str(folder)], set()))
-    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
-    return folder
 
 
 @pytest.fixture(scope="module", params=["sd15", "sdxl"])

@@ -9,7 +9,7 @@ import torch
 
 import host  # skips this module without a ComfyUI host
 from builders import OFFICIAL_KEYS
-from host import real_size_model_on_meta, sample, tiny_model
+from host import models_folder, real_size_model_on_meta, sample, tiny_model  # noqa: F401 (models_folder: a fixture)
 
 import comfy.lora
 import comfy.utils
@@ -17,16 +17,6 @@ import folder_paths
 
 UnetWeights = host.loaders.LoadControlNeXtUNetWeights
 unet_key_map = host.importlib.import_module(f"{host.PACK_NAME}.nodes.unet_keys").unet_key_map
-
-
-@pytest.fixture
-def models_folder(tmp_path, monkeypatch):
-    """An empty models/controlnext folder for the loaders to list."""
-    folder = tmp_path / "controlnext"
-    folder.mkdir()
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "controlnext", ([str(folder)], set()))
-    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
-    return folder
 
 
 @pytest.mark.parametrize("family,fixture", [("sdxl", "sdxl_unet_deltas"), ("sd15", "sd15_unet_subset")])

@@ -85,8 +85,8 @@ QUICK = Study(train_pictures=256, heldout_pictures=4, autoencoder_steps=60, auto
               sampler_steps=4, grid_steps=(0, 10))
 # What tests/test_host_convergence.py serves from a real server: the world and one encoder-only
 # ControlNeXt, trained in a few minutes (``--preset server --release DIR``).
-SERVER = Study(train_pictures=1024, heldout_pictures=8, autoencoder_steps=500, autoencoder_batch=32,
-               base_steps=250, base_batch=16, base_lr=3e-4, checkpoints=(0, 200), batch=4, seeds=(0,),
+SERVER = Study(train_pictures=1024, heldout_pictures=8, autoencoder_steps=800, autoencoder_batch=32,
+               base_steps=300, base_batch=16, base_lr=3e-4, checkpoints=(0, 200), batch=4, seeds=(0,),
                sampler_steps=10, grid_steps=(0, 200), methods=("controlnext_encoder",))
 PRESETS = {"full": FULL, "quick": QUICK, "server": SERVER}
 HELDOUT_SEED = 1_000_000  # drawing seed of the held-out pictures (training pictures: 0)
@@ -127,11 +127,18 @@ def train_autoencoder(pictures: torch.Tensor, study: Study, seed: int = 0):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        progress("autoencoder", step, study.autoencoder_steps, float(loss.detach()))
     autoencoder.eval().requires_grad_(False)
     with torch.no_grad():
         spread = autoencoder.encoder(pictures[:512].movedim(-1, 1) * 2 - 1).std()
         autoencoder.latent_scale.fill_(1.0 / (float(spread) * 0.18215))  # SD1.5 latent format's factor
     return autoencoder, float(loss.detach())
+
+
+def progress(what: str, step: int, steps: int, loss: float) -> None:
+    """A line at every tenth of a training, with the CPU time so far."""
+    if (step + 1) % max(1, steps // 10) == 0:
+        print(f"{what}: step {step + 1}/{steps}, loss {loss:.4f}, {time.process_time():.0f} CPU s", flush=True)
 
 
 def unet_call(model, noisy, timesteps, **extra):
@@ -180,7 +187,8 @@ def train_base(latents: torch.Tensor, study: Study, seed: int = 0):
             decay = min(0.99, (1 + step) / (10 + step))
             for kept, param in zip(average, parameters):
                 kept.lerp_(param.detach(), 1 - decay)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
+        progress("base", step, study.base_steps, losses[-1])
     with torch.no_grad():
         for kept, param in zip(average, parameters):
             param.copy_(kept)
@@ -273,13 +281,13 @@ def load_world(folder: str):
 
 
 def measured_step(step, probe) -> dict:
-    """One step with its CPU time and, when ``probe`` is given, the growth of the peak resident set."""
+    """One step with its loss, its CPU time and, when ``probe`` is given, the growth of the peak resident set."""
     if probe is not None:
         probe.cpu_precise(True)
         probe.start()
     started = time.thread_time()
-    step()
-    record = {"cpu_s": time.thread_time() - started}
+    loss = step()
+    record = {"cpu_s": time.thread_time() - started, "loss": loss}
     if probe is not None:
         record["peak_bytes"] = probe.stop()
         probe.cpu_precise(False)
@@ -298,7 +306,7 @@ def run(job: dict) -> dict:
     controls = data["controls"].movedim(-1, 1)  # [N,3,H,W] in [0,1], as both trainers take control images
     heldout = data["heldout_controls"]
     probe = MemoryProbe(torch.device("cpu"))
-    result = {"method": method, "seed": seed, "steps": [], "iou": [], "step_cpu_s": [], "grid": {}}
+    result = {"method": method, "seed": seed, "steps": [], "iou": [], "step_cpu_s": [], "loss": [], "grid": {}}
     unet = model.model.diffusion_model
 
     if method == "controlnet":
@@ -331,6 +339,7 @@ def run(job: dict) -> dict:
             torch.nn.utils.clip_grad_norm_(parameters, train_step.CONTROLNET_MAX_GRAD_NORM)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            return float(loss.detach())
 
         def samples():
             control_model.eval()
@@ -357,7 +366,7 @@ def run(job: dict) -> dict:
         def step():
             indices = trainer.batch_indices(len(latents))
             context = toy_shapes.conditioning(len(indices))[0][0]
-            trainer.step(denoiser, train.TrainingBatch(latents[indices], controls[indices], (context, None)),
+            return trainer.step(denoiser, train.TrainingBatch(latents[indices], controls[indices], (context, None)),
                          autocast_dtype=COMPUTE_DTYPE)
 
         def samples():
@@ -387,6 +396,7 @@ def run(job: dict) -> dict:
                 record = measured_step(step, probe if done == 2 else None)
                 done += 1
                 result["step_cpu_s"].append(record["cpu_s"])
+                result["loss"].append(record["loss"])
                 if "peak_bytes" in record:
                     result["peak_step_bytes"] = record["peak_bytes"]
         evaluate(done)
@@ -582,7 +592,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     study = PRESETS[args.preset]
     _worker_setup()
-    torch.set_num_threads(args.workers)  # the world is built by this process alone
+    torch.set_num_threads(args.workers)  # the world is built by this process alone, before the workers start
     wall = time.perf_counter()
     with contextlib.ExitStack() as stack:
         folder = args.world or stack.enter_context(tempfile.TemporaryDirectory(prefix="controlnext_convergence_"))

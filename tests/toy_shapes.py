@@ -1,13 +1,18 @@
 """The toy world of the convergence study (benchmarks/convergence.py) and of the server test that
 drives a trained toy ControlNeXt (tests/test_host_convergence.py): pictures of simple shapes drawn
 in code, their canny controls, a small autoencoder and an SD1.5-layout base UNet built with
-ComfyUI's own classes, saved together as one small "toy checkpoint" file.
+ComfyUI's own classes, saved together as one "toy checkpoint" file.
 
 Scale (README, Benchmarks: "Convergence"): 64x64 pictures, 8x8x4 latents. The SD1.5 training
 layout injects after the UNet's first down block, where the encoder gives 320 channels, and
 ComfyUI's UNetModel ends on a conv of ``model_channels`` inputs, so the first level cannot be
-wider than ``model_channels``: the toy UNet is 320 channels wide, but two levels deep, one res
-block each, attention only in the middle (whose ``to_out`` weights are the SD1.5 recipe's subset).
+wider than ``model_channels``: the toy UNet is 320 channels wide but two levels deep, attention
+only in the middle (whose ``to_out`` weights are the SD1.5 recipe's subset), and no res block on
+the input side of its first level. With one there, 8x8 latents lie inside that level's receptive
+field: the base did its work there and left the path through the injection point nearly unused
+(a perturbation the size of the hidden state after the first down block moved its output by about
+1 %), and no ControlNeXt trained on it moved its samples. Without it, conv_in feeds the down block
+directly and the work goes through the injection point, as in the real SD1.5 UNet at 64x64 latents.
 Imports ComfyUI: only import it where a host is on sys.path.
 """
 from __future__ import annotations
@@ -32,7 +37,7 @@ CONTEXT_DIM = 64
 CANNY_THRESHOLDS = (50, 100)
 UNET_CONFIG = dict(
     use_checkpoint=False, image_size=PICTURE // 8, use_spatial_transformer=True, legacy=False, in_channels=4,
-    out_channels=4, model_channels=320, num_res_blocks=[1, 1], channel_mult=[1, 1], transformer_depth=[0, 0],
+    out_channels=4, model_channels=320, num_res_blocks=[0, 1], channel_mult=[1, 1], transformer_depth=[0, 0],
     transformer_depth_output=[0, 0, 0, 0], transformer_depth_middle=1, context_dim=CONTEXT_DIM,
     use_linear_in_transformer=False, adm_in_channels=None, num_classes=None, use_temporal_attention=False,
     use_temporal_resblock=False)
@@ -155,7 +160,7 @@ def new_base(dtype: torch.dtype = torch.float32, state: dict | None = None) -> c
     if state is None:
         init_like_torch(unet)
         with torch.no_grad():
-            for param in unet.out.parameters():
+            for param in unet.out[-1].parameters():  # the output conv (not its norm: that would stop all learning)
                 param.zero_()
     else:
         unet.load_state_dict(state)

@@ -1,5 +1,5 @@
 """Test nodes for the trained toy world of the convergence study (tests/toy_shapes.py): load its
-base (UNet and autoencoder, one small file in models/checkpoints) and decode its latents. ComfyUI's
+base (UNet and autoencoder, one file in models/checkpoints) and decode its latents. ComfyUI's
 own checkpoint loader only recognises full-size checkpoints."""
 from __future__ import annotations
 

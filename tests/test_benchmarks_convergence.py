@@ -54,3 +54,14 @@ def test_quick_convergence_study_runs_end_to_end(tmp_path):
     assert all(methods[m]["label"] in table for m in METHODS)
     with Image.open(tmp_path / "convergence.png") as plot, Image.open(tmp_path / "convergence_samples.png") as grid:
         assert plot.width > 400 and grid.width > 64 * (3 + 3 * len(settings["grid_steps"]))
+
+
+def test_steps_to_ninety_percent_count_from_where_the_curve_stays_up():
+    sys.path.insert(0, os.path.join(PACK_ROOT, "benchmarks"))
+    import convergence
+
+    steps = [0, 25, 50, 100]
+    assert convergence.steps_to_fraction(steps, [0.10, 0.05, 0.20, 0.19], 0.19, 0.0) == 50
+    assert convergence.steps_to_fraction(steps, [0.10, 0.20, 0.10, 0.20], 0.20, 0.0) == 100  # a dip after a peak
+    assert convergence.steps_to_fraction(steps, [0.10, 0.12, 0.14, 0.20], 0.20, 0.10) == 100  # 90 % of the gain: 0.19
+    assert convergence.steps_to_fraction(steps, [0.10, 0.11, 0.09, 0.10], 0.10, 0.10) is None  # no gain

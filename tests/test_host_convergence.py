@@ -2,11 +2,12 @@
 
 The convergence study (benchmarks/convergence.py ``--preset server``) trains the toy world (shapes,
 autoencoder, base UNet) and one encoder-only ControlNeXt, saves the encoder as a release and the
-base as a small file, and measures, in process, how much closer to the control its samples come
-than the uncontrolled base's. Here both files go under a server's ``models/``, and for several
-held-out pictures a workflow (Load Image -> Canny -> Load / Apply ControlNeXt -> KSampler -> the
+base as a toy checkpoint, and measures, in process, how much closer to the control its samples come
+than the uncontrolled base's. Here both files go under a server's ``models/``, and for 16 new
+pictures a workflow (Load Image -> Canny -> Load / Apply ControlNeXt -> KSampler -> the
 toy decoder -> Save Image) is queued with the queue command at strength 1 and 0: the samples'
-edges must match the control's better at strength 1, by at least half the margin the study measured.
+edges must match the control's better at strength 1, on average by at least half the margin the
+training run measured, and for most of the pictures.
 """
 from __future__ import annotations
 

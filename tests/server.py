@@ -43,6 +43,12 @@ def comfy_command(base: str, *extra: str) -> list[str]:
             "--database-url", "sqlite:///:memory:", *extra]
 
 
+def queue_command(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    """The queue command as a user runs it; ``-S`` (no site-packages) proves it needs only the stdlib."""
+    return subprocess.run([sys.executable, "-S", "-m", "controlnext_queue", *args], cwd=PACK_ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
 def one_thread_env() -> dict[str, str]:
     """The tiny test models run fastest on one thread; more only contend on a 2-core CI box."""
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

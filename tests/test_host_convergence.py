@@ -26,7 +26,7 @@ from PIL import Image
 
 import host  # noqa: F401  (skips this module without a ComfyUI host)
 from conftest import COMFYUI_PATH, PACK_ROOT  # noqa: E402
-from server import ComfyServer, make_base_directory  # noqa: E402
+from server import ComfyServer, make_base_directory, queue_command  # noqa: E402
 import toy_shapes  # noqa: E402
 
 canny = host.importlib.import_module(f"{host.PACK_NAME}.controlnext_core.preprocess.canny").canny
@@ -116,14 +116,13 @@ def server(trained, tmp_path_factory):
     running.stop()
 
 
-def queue(server, prompt: dict, picture: str, out: str) -> np.ndarray:
+def generate(server, prompt: dict, picture: str, out: str) -> np.ndarray:
+    """One picture through the workflow, queued with the queue command; the saved sample."""
     os.makedirs(out)
     path = os.path.join(out, "workflow.json")
     with open(path, "w") as file:
         json.dump(prompt, file)
-    result = subprocess.run([sys.executable, "-S", "-m", "controlnext_queue", path, "--server", server.url,
-                             "--image", f"Picture={picture}", "--out", out],
-                            cwd=PACK_ROOT, capture_output=True, text=True, timeout=300)
+    result = queue_command(path, "--server", server.url, "--image", f"Picture={picture}", "--out", out, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     saved = [name for name in os.listdir(out) if name.endswith(".png")]
     assert len(saved) == 1, saved
@@ -144,7 +143,7 @@ def test_a_trained_controlnext_makes_served_samples_follow_the_control(trained, 
             path = str(tmp_path / f"picture_{index}.png")
             Image.fromarray((picture.numpy() * 255).round().astype(np.uint8)).save(path)
             out = tmp_path / f"out_{strength}_{index}"
-            samples.append(queue(server, workflow(strength, seed=index), path, str(out)))
+            samples.append(generate(server, workflow(strength, seed=index), path, str(out)))
         images = torch.from_numpy(np.stack(samples)).float() / 255.0
         scores[strength] = toy_shapes.edge_iou(images, controls, canny)
     gain = scores[1.0] - scores[0.0]

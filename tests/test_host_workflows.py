@@ -28,7 +28,7 @@ from PIL import Image  # noqa: E402
 from conftest import PACK_ROOT  # noqa: E402
 from server import (CONTROLNEXT_FILES, DWPOSE_FILES, ORDINARY_CONTROLNET, PACK_LINK_NAME,  # noqa: E402
                     SD15_UNET_SUBSET, SDXL_UNET_DELTAS, SVD_UNET, ComfyServer, install_official_model_files, make_base_directory,
-                    runnable_on_tiny_models)
+                    queue_command, runnable_on_tiny_models)
 
 WORKFLOWS = os.path.join(PACK_ROOT, "workflows")
 API_WORKFLOWS = os.path.join(WORKFLOWS, "api")
@@ -115,12 +115,6 @@ def install_training_pictures(folder: str, count: int = 3) -> None:
         file.write("a yellow block on a dark ground")
 
 
-def queue(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    """The queue command as a user runs it; ``-S`` (no site-packages) proves it needs only the stdlib."""
-    return subprocess.run([sys.executable, "-S", "-m", "controlnext_queue", *args], cwd=PACK_ROOT,
-                          capture_output=True, text=True, timeout=timeout)
-
-
 def start_queue(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-S", "-m", "controlnext_queue", *args], cwd=PACK_ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -194,7 +188,7 @@ def test_ui_workflow_nodes_exist_on_the_server_with_the_inputs_the_file_uses(ser
 @pytest.mark.parametrize("name", sorted(WORKFLOW_IMAGES))
 def test_ui_workflow_converts_to_its_api_twin(server, name, tmp_path):
     converted = tmp_path / "converted.json"
-    result = queue(os.path.join(WORKFLOWS, f"{name}.json"), "--server", server.url, "--save-api", str(converted))
+    result = queue_command(os.path.join(WORKFLOWS, f"{name}.json"), "--server", server.url, "--save-api", str(converted))
     assert result.returncode == 0, result.stderr
     api = read_json(os.path.join(API_WORKFLOWS, f"{name}.json"))
     ui_titles = {str(n["id"]): n.get("title") for n in read_json(os.path.join(WORKFLOWS, f"{name}.json"))["nodes"]}
@@ -233,7 +227,7 @@ def test_official_file_names_are_the_ones_the_server_has():
 def test_api_workflow_runs_from_the_shell(server, name, images, tmp_path):
     small, sampler, frames = RUNS[name]
     out = tmp_path / "out"
-    result = queue(runnable_copy(name, tmp_path), "--server", server.url, "--out", str(out),
+    result = queue_command(runnable_copy(name, tmp_path), "--server", server.url, "--out", str(out),
                    *image_args(name, images), *small)
     assert result.returncode == 0, result.stderr + server.log()[-2000:]
     saved = result.stdout.split()
@@ -260,7 +254,7 @@ def test_a_rerun_counts_its_cached_nodes_and_downloads_previews_on_request(serve
     second one finds the loaders, prompts and canny image in the server's cache."""
     name = "ControlNeXt SDXL Canny"
     path = runnable_copy(name, tmp_path)
-    runs = [queue(path, "--server", server.url, "--out", str(tmp_path / f"out{index}"), *image_args(name, images),
+    runs = [queue_command(path, "--server", server.url, "--out", str(tmp_path / f"out{index}"), *image_args(name, images),
                   *SMALL, *settings(f"KSampler.seed={11 + index}", f"Apply ControlNeXt.strength={strength}"), *extra)
             for index, (strength, extra) in enumerate(((0.31, ()), (0.32, ("--previews",))))]
     for result in runs:
@@ -280,7 +274,7 @@ def test_a_rerun_counts_its_cached_nodes_and_downloads_previews_on_request(serve
 
 def test_a_refused_workflow_lists_the_node_errors(server, images, tmp_path):
     name = "ControlNeXt SD1.5 Depth"
-    result = queue(runnable_copy(name, tmp_path), "--server", server.url, "--out", str(tmp_path),
+    result = queue_command(runnable_copy(name, tmp_path), "--server", server.url, "--out", str(tmp_path),
                    *image_args(name, images), "--set", "KSampler.steps=0", "--set", "Apply ControlNeXt.strength=-1")
     assert result.returncode == 4, result.stderr
     assert "'KSampler'" in result.stderr and "steps" in result.stderr
@@ -291,7 +285,7 @@ def test_an_unknown_node_type_names_the_node_and_the_fix(server, images, tmp_pat
     def use_an_uninstalled_pack(prompt):
         prompt["6"]["class_type"] = "CannyEdgePreprocessor"  # comfyui_controlnet_aux, not installed here
 
-    result = queue(runnable_copy("ControlNeXt SDXL Canny", tmp_path, use_an_uninstalled_pack), "--server",
+    result = queue_command(runnable_copy("ControlNeXt SDXL Canny", tmp_path, use_an_uninstalled_pack), "--server",
                    server.url, "--out", str(tmp_path))
     assert result.returncode == 5, result.stderr
     assert "CannyEdgePreprocessor" in result.stderr and "Install the custom node pack" in result.stderr
@@ -299,7 +293,7 @@ def test_an_unknown_node_type_names_the_node_and_the_fix(server, images, tmp_pat
 
 def test_a_missing_model_file_says_which_and_where(server, images, tmp_path):
     missing = "ControlNeXt-SD1.5/deepfashion_caption/controlnet.safetensors"
-    result = queue(runnable_copy("ControlNeXt SDXL Canny", tmp_path), "--server", server.url, "--out",
+    result = queue_command(runnable_copy("ControlNeXt SDXL Canny", tmp_path), "--server", server.url, "--out",
                    str(tmp_path), *image_args("ControlNeXt SDXL Canny", images),
                    "--set", f"Load ControlNeXt.controlnext_name={missing}")
     assert result.returncode == 6, result.stderr
@@ -315,7 +309,7 @@ def test_a_missing_preprocessor_model_says_which_and_where(server, images, tmp_p
                                                            missing):
     """The server has TorchScript stand-ins in models/dwpose, not the ONNX files the pose workflow
     names, and a depth model under another name than the one set here."""
-    result = queue(runnable_copy(name, tmp_path), "--server", server.url, "--out", str(tmp_path),
+    result = queue_command(runnable_copy(name, tmp_path), "--server", server.url, "--out", str(tmp_path),
                    *image_args(name, images), *settings(*assignments))
     assert result.returncode == 6, result.stderr
     for file in missing:
@@ -325,7 +319,7 @@ def test_a_missing_preprocessor_model_says_which_and_where(server, images, tmp_p
 
 def test_a_failing_node_gives_its_message(server, images, tmp_path):
     sd15_file = next(name for name, layout in CONTROLNEXT_FILES.items() if layout == "mid")
-    result = queue(runnable_copy("ControlNeXt SDXL Canny", tmp_path), "--server", server.url, "--out",
+    result = queue_command(runnable_copy("ControlNeXt SDXL Canny", tmp_path), "--server", server.url, "--out",
                    str(tmp_path), *image_args("ControlNeXt SDXL Canny", images), *SMALL,
                    "--set", f"Load ControlNeXt.controlnext_name={sd15_file}")
     assert result.returncode == 7, result.stderr
@@ -424,7 +418,7 @@ def test_an_unreachable_server_and_a_bad_argument_have_their_own_codes(tmp_path)
         sock.bind(("127.0.0.1", 0))
         closed_port = sock.getsockname()[1]
     path = os.path.join(API_WORKFLOWS, "ControlNeXt SD1.5 Depth.json")
-    result = queue(path, "--server", f"http://127.0.0.1:{closed_port}", "--out", str(tmp_path), timeout=30)
+    result = queue_command(path, "--server", f"http://127.0.0.1:{closed_port}", "--out", str(tmp_path), timeout=30)
     assert result.returncode == 3 and "cannot reach ComfyUI" in result.stderr
-    result = queue(path, "--out", str(tmp_path), "--set", "steps=20", timeout=30)
+    result = queue_command(path, "--out", str(tmp_path), "--set", "steps=20", timeout=30)
     assert result.returncode == 2 and "NODE.input=value" in result.stderr

@@ -30,18 +30,17 @@ import sys
 import threading
 import time
 
-from .cli import api_prompt, check_outcome, output_files, submit, wait
 from .client import ComfyClient
 from .errors import Exit, QueueError
 from .progress import BatchProgress
+from .submission import check_outcome, output_files, submit, wait
 from .websocket import WebSocket
-from .workflow import check_model_files, image_node, load_workflow, parse_assignment, parse_image, set_input
+from .workflow import (IMAGE_EXTENSIONS, api_prompt, check_picture, check_value, image_node, load_workflow,
+                       missing_models, parse_assignment, parse_image, set_input)
 
 MANIFEST_NAME = "manifest.json"
 PARTIAL_FOLDER = ".partial"  # under --out: a job's downloads until all of them arrived
 NAME_COLUMN = "name"
-# What a folder named in a jobs file expands to: the files Load Image nodes read (stills, animations).
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 GLOB_CHARACTERS = "*?["
 # A lost server, not a problem of the job: the job goes back for another server.
 SERVER_FAULTS = frozenset({Exit.UNREACHABLE, Exit.CONNECTION_LOST, Exit.TIMEOUT})
@@ -52,6 +51,8 @@ SERVERS_DOWN_LIMIT_SECONDS = 300.0  # every server set aside this long: the batc
 WITHDRAW_SECONDS = 10.0  # how long a cancelled prompt gets to leave its server's queue (interrupts act between steps)
 CANCEL_WAIT_SECONDS = WITHDRAW_SECONDS + 5.0  # Ctrl-C: how long the jobs in flight get to cancel their prompts
 TICK_SECONDS = 1.0  # the dispatcher wakes at least this often (progress line, set-aside servers)
+
+Problem = tuple[Exit, str]  # a bad cell of the jobs file: its exit code and what is wrong
 
 
 @dataclasses.dataclass
@@ -191,8 +192,10 @@ def file_digest(path: str) -> str:
 
 def upload_name(path: str, digests: dict[str, str]) -> str:
     """The name a file is uploaded under: its own with its content's hash, so jobs whose files
-    share a name never overwrite each other's input on a server, and a file is sent once."""
+    share a name never overwrite each other's input on a server, and a file is sent once. The
+    file is checked to be a picture the first time."""
     if path not in digests:
+        check_picture(path)
         digests[path] = file_digest(path)
     stem, extension = os.path.splitext(os.path.basename(path))
     return f"{stem}-{digests[path][:16]}{extension}"
@@ -211,25 +214,51 @@ def apply_image(prompt: dict, uploads: dict[str, str], reference: str, path: str
     uploads[name] = path
 
 
+def set_value(prompt: dict, reference: str, name: str, text: str, object_info: dict) -> None:
+    """``set_input``, the value then checked against the server's range or choices: refused once
+    here rather than by the server in every job."""
+    node_id = set_input(prompt, reference, name, text, object_info)
+    check_value(prompt[node_id], name, object_info)
+
+
+def picture_problems(files: list[str], digests: dict[str, str]) -> list[Problem]:
+    """A problem per file that is not a picture (``upload_name`` checks it, once per file)."""
+    problems = []
+    for path in files:
+        try:
+            upload_name(path, digests)
+        except QueueError as error:
+            problems.append((error.code, error.message))
+    return problems
+
+
 def row_jobs(index: int, source: str, cells: dict[str, str], folder: str, base: Job, object_info: dict,
-             digests: dict[str, str]) -> list[Job]:
+             digests: dict[str, str]) -> tuple[list[Job], list[Problem]]:
     """The jobs of one row: its values set on the base job, one job per combination of the files
-    its image cells name (a folder of references and a folder of poses: every pair)."""
+    its image cells name (a folder of references and a folder of poses: every pair). Or, when a
+    cell is bad, no job and every problem of the row, each with its column."""
     cells = dict(cells)
     name = safe_name(cells.pop(NAME_COLUMN, "")) or f"row{index}"
-    prompt, image_cells = copy.deepcopy(base.prompt), []
+    prompt, image_cells, problems = copy.deepcopy(base.prompt), [], []
     for column, text in cells.items():
-        if is_image_column(column, prompt):
-            image_node(prompt, column, object_info)
-            image_cells.append((column, *expand_files(text, folder)))
-            continue
         reference, dot, input_name = column.rpartition(".")
-        if not dot or not reference:
-            raise QueueError(Exit.USAGE, f"column '{column}' names no node of the workflow: a column is a Load "
-                                         f"Image node (its cells: files to upload) or NODE.input (its cells: "
-                                         f"values), as --image and --set take them.")
-        set_input(prompt, reference, input_name, text, object_info)
-    check_model_files(prompt, object_info)
+        try:
+            if is_image_column(column, prompt):
+                image_node(prompt, column, object_info)
+                files, several = expand_files(text, folder)
+                image_cells.append((column, files, several))
+                problems += [(code, f"{column}: {message}") for code, message in picture_problems(files, digests)]
+            elif dot and reference:
+                set_value(prompt, reference, input_name, text, object_info)
+            else:
+                raise QueueError(Exit.USAGE, f"the column names no node of the workflow: a column is a Load Image "
+                                             f"node (its cells: files to upload) or NODE.input (its cells: "
+                                             f"values), as --image and --set take them.")
+        except QueueError as error:
+            problems.append((error.code, f"{column}: {error.message}"))
+    problems += [(Exit.MISSING_MODEL, message) for message in missing_models(prompt, object_info)]
+    if problems:
+        return [], problems
     jobs = []
     for files in itertools.product(*(paths for _, paths, _ in image_cells)):
         job = Job(name, source, copy.deepcopy(prompt), dict(base.uploads))
@@ -238,33 +267,34 @@ def row_jobs(index: int, source: str, cells: dict[str, str], folder: str, base: 
             if several:
                 job.name += "-" + (safe_name(os.path.splitext(os.path.basename(path))[0]) or "file")
         jobs.append(job)
-    return jobs
+    return jobs, []
 
 
 def read_jobs(path: str, base: Job, object_info: dict) -> list[Job]:
     """Every job of the jobs file, each checked against the workflow and the server's
-    /object_info; all bad rows are reported at once, before anything is queued."""
+    /object_info; every problem of every row is reported at once, before anything is queued."""
     folder = os.path.dirname(os.path.abspath(path))
     digests: dict[str, str] = {}
-    jobs, problems = [], []
+    jobs, problems = [], []  # problems: (exit code, source, message)
     rows = read_rows(path)
     if not rows:
         raise QueueError(Exit.USAGE, f"{path} has no jobs: one row per job (CSV: after the header row).")
     for index, (line, cells) in enumerate(rows, 1):
         source = f"{path}:{line}"
-        try:
-            jobs += row_jobs(index, source, cells, folder, base, object_info, digests)
-        except QueueError as error:
-            problems.append((error.code, f"{source}: {error.message}"))
+        row, row_problems = row_jobs(index, source, cells, folder, base, object_info, digests)
+        jobs += row
+        problems += [(code, source, message) for code, message in row_problems]
     sources: dict[str, str] = {MANIFEST_NAME: "the manifest"}
     for job in jobs:
         if job.name in sources:
-            problems.append((Exit.USAGE, f"{job.source}: the job name '{job.name}' is {sources[job.name]}'s too: "
-                                         f"give each row its own name (column '{NAME_COLUMN}')."))
+            problems.append((Exit.USAGE, job.source, f"the job name '{job.name}' is {sources[job.name]}'s too: give "
+                                                     f"each row its own name (column '{NAME_COLUMN}')."))
         sources.setdefault(job.name, job.source)
     if problems:
-        raise QueueError(problems[0][0], f"{len(problems)} bad row(s) in {path}; nothing was queued:\n  "
-                         + "\n  ".join(message.replace("\n", "\n  ") for _, message in problems))
+        rows_with_problems = len({source for _, source, _ in problems})
+        raise QueueError(problems[0][0], f"{len(problems)} problem(s) in {rows_with_problems} row(s) of {path}; "
+                                         f"nothing was queued:\n  "
+                         + "\n  ".join(f"{source}: {message}" for _, source, message in problems))
     return jobs
 
 
@@ -440,7 +470,7 @@ class Batch:
             pass  # absent, or holds a cancelled job's downloads
         print(self.summary())
         if self.cancelled.is_set():
-            return 130
+            return Exit.CTRL_C
         if self.stopped_because:
             return Exit.UNREACHABLE
         return Exit.OK if self.counts["done"] == len(self.jobs) else Exit.BATCH_INCOMPLETE
@@ -689,7 +719,7 @@ def main(argv=None) -> int:
         return int(error.code)
     except KeyboardInterrupt:
         print("stopped (Ctrl-C)", file=sys.stderr)
-        return 130
+        return Exit.CTRL_C
 
 
 def first_object_info(urls: list[str]) -> tuple[dict, set[str]]:
@@ -717,7 +747,10 @@ def run(args) -> int:
     for reference, path in images:
         apply_image(base.prompt, base.uploads, reference, path, object_info, digests)
     for reference, name, text in assignments:
-        set_input(base.prompt, reference, name, text, object_info)
+        try:
+            set_value(base.prompt, reference, name, text, object_info)
+        except QueueError as error:
+            raise QueueError(error.code, f"--set {reference}.{name}: {error.message}") from None
     jobs = read_jobs(args.jobs, base, object_info)
     os.makedirs(args.out, exist_ok=True)
     manifest = Manifest(args.out, args.workflow, args.jobs)

@@ -18,6 +18,7 @@ class Exit(enum.IntEnum):
     CONNECTION_LOST = 9  # the server went away while the prompt ran
     TIMEOUT = 10  # --timeout passed before the prompt finished
     BATCH_INCOMPLETE = 11  # batch: some jobs failed (the summary and the manifest say which and why)
+    CTRL_C = 130  # stopped by Ctrl-C (SIGINT): 128 + 2, the code a shell gives a command that signal ends
 
 
 class QueueError(Exception):

@@ -1,9 +1,12 @@
 """Workflow files: UI format (what the editor saves) to API format (what /prompt takes), and
-the edits the command line asks for (--set, --image), checked against the server's /object_info.
+the edits the command line asks for (--set, --image), checked against the server's /object_info
+(values) and by their content (pictures).
 """
 from __future__ import annotations
 
 import json
+import re
+import sys
 
 from .errors import Exit, QueueError
 
@@ -31,6 +34,12 @@ FOLDER_CONTENTS = {
                                              "Hugging Face depth-anything/Depth-Anything-V2-Small-hf)"),
 }
 CONTROLNEXT_LOADERS = {"ControlNeXtLoader", "ControlNeXtUNetWeights"}
+BOOLEAN_WORDS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
+CHOICES_SHOWN = 12  # a longer list of choices is cut in messages
+# The pictures Load Image reads, by extension (a folder in a batch's jobs file) and by content:
+# the first bytes of PNG, JPEG, GIF, WEBP, BMP and TIFF files.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+PICTURE_START = re.compile(rb"\x89PNG\r\n\x1a\n|\xff\xd8\xff|GIF8[79]a|RIFF....WEBP|BM|II\*\x00|MM\x00\*", re.DOTALL)
 
 
 def load_workflow(path: str) -> dict:
@@ -120,9 +129,8 @@ def missing_model_message(node_id: str, node: dict, input_name: str, value: str,
             f"{where}{source} and refresh{available}.")
 
 
-def check_model_files(prompt: dict, object_info: dict) -> None:
-    """Model files the server does not list, named before queueing: ComfyUI v0.3.64 does not
-    check the lists of V3 nodes (this pack's among them), which would only fail when they run."""
+def missing_models(prompt: dict, object_info: dict) -> list[str]:
+    """A message per model file the prompt names and the server does not list."""
     missing = []
     for node_id, node in prompt.items():
         specs = input_specs(object_info.get(node["class_type"], {}))
@@ -130,9 +138,29 @@ def check_model_files(prompt: dict, object_info: dict) -> None:
             options = combo_options(specs[name]) if name in specs else None
             if options is not None and names_a_model(name, value) and value not in options:
                 missing.append(missing_model_message(node_id, node, name, value, options, object_info))
+    return missing
+
+
+def check_model_files(prompt: dict, object_info: dict) -> None:
+    """Model files the server does not list, named before queueing: ComfyUI v0.3.64 does not
+    check the lists of V3 nodes (this pack's among them), which would only fail when they run."""
+    missing = missing_models(prompt, object_info)
     if missing:
         raise QueueError(Exit.MISSING_MODEL, "model files the workflow needs are not on the server:\n  "
                          + "\n  ".join(missing))
+
+
+def api_prompt(workflow: dict, path: str, object_info: dict) -> dict:
+    """The workflow read from ``path`` in API format, its node types checked against the server's."""
+    if is_ui_format(workflow):
+        prompt = ui_to_api(workflow, object_info)
+        print(f"converted the UI-format workflow to API format ({len(prompt)} nodes)", file=sys.stderr)
+        return prompt
+    if all(isinstance(node, dict) and "class_type" in node for node in workflow.values()):
+        check_node_types(workflow, object_info)
+        return workflow
+    raise QueueError(Exit.USAGE, f"{path} is neither a UI-format workflow (Save) nor an API-format one "
+                                 f"(Export (API)).")
 
 
 def ui_to_api(workflow: dict, object_info: dict) -> dict:
@@ -257,6 +285,25 @@ def find_node(prompt: dict, reference: str, object_info: dict) -> str:
     raise QueueError(Exit.USAGE, f"no node '{reference}' in the workflow. Nodes are ({listing}).")
 
 
+def allowed_values(spec: list) -> str:
+    """What an input takes, in words: its type, range or choices."""
+    kind, options = input_type(spec), input_options(spec)
+    if kind in ("INT", "FLOAT"):
+        low, high = options.get("min"), options.get("max")
+        number = "a whole number" if kind == "INT" else "a number"
+        if low is not None and high is not None:
+            return f"{number} from {low} to {high}"
+        return number + (f" of at least {low}" if low is not None else f" of at most {high}" if high is not None
+                         else "")
+    if kind == "BOOLEAN":
+        return " / ".join(BOOLEAN_WORDS)
+    choices = combo_options(spec)
+    if choices is not None:
+        more = f" and {len(choices) - CHOICES_SHOWN} more" if len(choices) > CHOICES_SHOWN else ""
+        return "one of " + ", ".join(str(choice) for choice in choices[:CHOICES_SHOWN]) + more
+    return f"any {kind}"
+
+
 def parse_value(text: str, spec: list | None):
     kind = input_type(spec) if spec else None
     try:
@@ -265,12 +312,9 @@ def parse_value(text: str, spec: list | None):
         if kind == "FLOAT":
             return float(text)
         if kind == "BOOLEAN":
-            lowered = text.lower()
-            if lowered not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(text)
-            return lowered in ("true", "1", "yes")
-    except ValueError:
-        raise QueueError(Exit.USAGE, f"'{text}' is not a valid {kind}.") from None
+            return BOOLEAN_WORDS[text.lower()]
+    except (ValueError, KeyError):
+        raise QueueError(Exit.USAGE, f"'{text}' is not a valid {kind} (allowed: {allowed_values(spec)}).") from None
     if kind in ("STRING", "COMBO"):
         return text
     try:
@@ -297,8 +341,9 @@ def parse_image(assignment: str) -> tuple[str, str]:
     return reference, path
 
 
-def set_input(prompt: dict, reference: str, name: str, text: str, object_info: dict) -> None:
-    """Sets one input of the node ``reference`` (id, title or unique type) from its text."""
+def set_input(prompt: dict, reference: str, name: str, text: str, object_info: dict) -> str:
+    """Sets one input of the node ``reference`` (id, title or unique type) from its text, converted
+    to the input's type; returns the node's id."""
     node_id = find_node(prompt, reference, object_info)
     node = prompt[node_id]
     specs = input_specs(object_info.get(node["class_type"], {}))
@@ -310,6 +355,41 @@ def set_input(prompt: dict, reference: str, name: str, text: str, object_info: d
         raise QueueError(Exit.USAGE, f"{describe(node_id, node, object_info)}: input '{name}' is connected to node "
                                      f"{current[0]}; --set changes values, not connections.")
     node["inputs"][name] = parse_value(text, specs.get(name))
+    return node_id
+
+
+def check_value(node: dict, name: str, object_info: dict) -> None:
+    """Refuses the input's value where the server would refuse the prompt: a number outside the
+    input's min/max, or a value not among its choices. Model files are left to
+    ``missing_models`` (their own message and exit code), and so are the inputs with an upload
+    button: Load Image takes files the server received after it listed its choices."""
+    spec = input_specs(object_info.get(node["class_type"], {})).get(name)
+    if spec is None:
+        return
+    value, kind, options = node["inputs"][name], input_type(spec), input_options(spec)
+    if kind in ("INT", "FLOAT"):
+        low, high = options.get("min"), options.get("max")
+        if not ((low is None or low <= value) and (high is None or value <= high)):  # NaN: outside any min or max
+            raise QueueError(Exit.USAGE, f"{value} is out of range (allowed: {allowed_values(spec)}).")
+        return
+    choices = combo_options(spec)
+    if choices is None or value in choices or names_a_model(name, value) or options.get("multiselect") \
+            or any(options.get(flag) for flag in UPLOAD_FLAGS):
+        return
+    raise QueueError(Exit.USAGE, f"'{value}' is not one of the choices (allowed: {allowed_values(spec)}).")
+
+
+def check_picture(path: str) -> None:
+    """Refuses a file Load Image cannot read, by its first bytes (a table named in a picture's
+    place would otherwise be uploaded, and fail each job on the server)."""
+    try:
+        with open(path, "rb") as file:
+            start = file.read(12)
+    except OSError as error:
+        raise QueueError(Exit.USAGE, f"cannot read the image {path}: {error.strerror}") from None
+    if not PICTURE_START.match(start):
+        raise QueueError(Exit.USAGE, f"{path} is not a picture (allowed: PNG, JPEG, WEBP, GIF, BMP or TIFF files, "
+                                     f"as Load Image reads).")
 
 
 def image_node(prompt: dict, reference: str, object_info: dict) -> str:

@@ -1,8 +1,8 @@
 """Host tests: the batch command (``python -m controlnext_queue batch``) against three real
-ComfyUI servers on 127.0.0.1, one module-scoped set: a batch spread over all of them, a bad row
-reported before anything runs, a node failure reported while the rest complete, a prompt the
-server forgot, Ctrl-C and a rerun, the benchmark's smoke run, and last a server killed mid-job
-(the job runs on another, once).
+ComfyUI servers on 127.0.0.1, one module-scoped set: a batch spread over all of them, bad rows
+(values out of the servers' ranges and choices, a table as a picture) reported before anything
+runs, a node failure reported while the rest complete, a prompt the server forgot, Ctrl-C and a
+rerun, the benchmark's smoke run, and last a server killed mid-job (the job runs on another, once).
 
 The workflow (tests/fixtures/tiny_batch_workflow.json) is the smallest that goes through the
 pack: the tests' tiny SDXL model (tests/server_nodes/), a control image, Apply ControlNeXt and a
@@ -183,10 +183,35 @@ def test_bad_rows_are_reported_alone_before_anything_runs(servers, files, tmp_pa
     before = [history_statuses(server) for server in servers]
     result = run_batch(files, str(jobs), servers, tmp_path / "out", timeout=120)
     assert result.returncode == 2, result.stderr
-    assert f"2 bad row(s) in {jobs}; nothing was queued" in result.stderr
+    assert f"2 problem(s) in 2 row(s) of {jobs}; nothing was queued" in result.stderr
     reported = [line.strip().split(": ")[0] for line in result.stderr.splitlines() if line.startswith(f"  {jobs}:")]
     assert reported == [f"{jobs}:2", f"{jobs}:4"]
     assert "no node 'Nope'" in result.stderr and "c9.png" in result.stderr
+    assert new_history(servers, before) == [{}] * SERVERS
+    assert not (tmp_path / "out").exists()
+
+
+def test_values_the_server_would_refuse_and_a_table_as_a_picture_are_named_before_anything_runs(servers, files,
+                                                                                                tmp_path):
+    """Ranges and choices as the servers' /object_info gives them; without the check each job
+    would be refused by its server (exit 4) or fail reading the table."""
+    (files / "notes.csv").write_text("name,seed\nfox,7\n")
+    jobs = write_jobs(files, "ranges.csv",
+                      "name,Control,KSampler.seed,Apply ControlNeXt.strength,KSampler.sampler_name",
+                      ["fine,controls/c0.png,1,1.0,euler", "bad,notes.csv,-5,99,euler_x"])
+    before = [history_statuses(server) for server in servers]
+    result = run_batch(files, jobs, servers, tmp_path / "out", timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert f"4 problem(s) in 1 row(s) of {jobs}; nothing was queued:" in result.stderr
+    for problem in ["KSampler.seed: -5 is out of range (allowed: a whole number from 0 to 18446744073709551615).",
+                    "Apply ControlNeXt.strength: 99.0 is out of range (allowed: a number from 0.0 to 10.0).",
+                    "KSampler.sampler_name: 'euler_x' is not one of the choices (allowed: one of euler, ",
+                    f"Control: {files / 'notes.csv'} is not a picture (allowed: PNG, JPEG, WEBP, GIF, BMP or TIFF"]:
+        assert f"\n  {jobs}:3: {problem}" in result.stderr, result.stderr
+
+    result = run_batch(files, jobs, servers, tmp_path / "out", "--set", "KSampler.steps=0", timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "error: --set KSampler.steps: 0 is out of range (allowed: a whole number from 1 to 10000)." in result.stderr
     assert new_history(servers, before) == [{}] * SERVERS
     assert not (tmp_path / "out").exists()
 

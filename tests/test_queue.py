@@ -1,9 +1,11 @@
-"""The queue command's parts without a server: UI-to-API conversion rules, --set, the reading of
-a server's refusal, the progress lines, the websocket framing, the end of a run and its downloads.
+"""The queue command's parts without a server: UI-to-API conversion rules, --set, --image's
+picture check, the reading of a server's refusal, the progress lines, the websocket framing, the
+end of a run and its downloads, and the package's one-way imports.
 (Against a real server: test_host_workflows.py; the conversion against the real editor's Export:
 test_host_frontend.py.)"""
 from __future__ import annotations
 
+import ast
 import io
 import json
 import os
@@ -16,10 +18,11 @@ import pytest
 from conftest import PACK_ROOT
 
 sys.path.append(PACK_ROOT)
-from controlnext_queue import cli  # noqa: E402
-from controlnext_queue.cli import finish, refusal, wait  # noqa: E402
+from controlnext_queue import submission  # noqa: E402
+from controlnext_queue.cli import finish, main  # noqa: E402
 from controlnext_queue.errors import Exit, QueueError  # noqa: E402
 from controlnext_queue.progress import ProgressDisplay  # noqa: E402
+from controlnext_queue.submission import refusal, wait  # noqa: E402
 from controlnext_queue.websocket import ConnectionClosed, WebSocket  # noqa: E402
 from controlnext_queue.workflow import check_model_files, nodes_to_run, set_input, ui_to_api  # noqa: E402
 
@@ -318,7 +321,7 @@ def run_messages(prompt_id: str) -> list[dict]:
 def test_the_progress_lines_go_to_the_end_when_history_has_the_entry_first(monkeypatch, capsys):
     """The command checks /history now and then in case a message was missed; when that check
     finds the run finished, the run's messages still unread are shown, not dropped."""
-    monkeypatch.setattr(cli, "IDLE_CHECK_SECONDS", -1.0)  # check at every message
+    monkeypatch.setattr(submission, "IDLE_CHECK_SECONDS", -1.0)  # check at every message
     entry = {"status": {"completed": True, "status_str": "success"}, "outputs": {}}
     client, server = socket.socketpair()
     with client, server:
@@ -364,3 +367,35 @@ def test_previews_flag_downloads_them_into_their_own_folder(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert out.split() == [os.path.join(tmp_path, "out.png"), os.path.join(previews, "preview.png")]
     assert f"1 preview image(s) in {previews}" in err
+
+
+def test_a_file_that_is_not_a_picture_is_refused_before_the_server_is_asked(tmp_path, capsys):
+    table = tmp_path / "photo.png"
+    table.write_text("name,seed\nfox,7\n")
+    workflow = tmp_path / "workflow.json"
+    workflow.write_text(json.dumps(api_prompt()))
+    arguments = [str(workflow), "--server", "http://127.0.0.1:1", "--out", str(tmp_path / "out")]  # nothing there
+    assert main([*arguments, "--image", f"Load Model={table}"]) == Exit.USAGE
+    assert f"error: {table} is not a picture (allowed: PNG, JPEG, WEBP, GIF, BMP or TIFF" in capsys.readouterr().err
+    assert main([*arguments, "--image", f"Load Model={tmp_path / 'gone.png'}"]) == Exit.USAGE
+    assert "cannot read the image" in capsys.readouterr().err
+    table.write_bytes(b"\x89PNG\r\n\x1a\n")
+    assert main([*arguments, "--image", f"Load Model={table}"]) == Exit.UNREACHABLE  # a picture: on to the server
+
+
+def test_the_package_imports_point_one_way():
+    """No module of controlnext_queue imports one that imports it back (cli.py runs batch.py; both
+    queue through submission.py)."""
+    folder = os.path.join(PACK_ROOT, "controlnext_queue")
+    imports = {}
+    for file in os.listdir(folder):
+        if file.endswith(".py"):
+            tree = ast.parse(open(os.path.join(folder, file), encoding="utf-8").read())
+            imports[file[:-3]] = {node.module for node in ast.walk(tree)
+                                  if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module}
+    assert imports["batch"] >= {"submission", "workflow"} and "cli" not in imports["batch"]
+    placed: list[str] = []
+    while len(placed) < len(imports):  # modules in an order where each comes after all it imports
+        ready = sorted(name for name, needs in imports.items() if name not in placed and needs <= set(placed))
+        assert ready, f"an import cycle among {sorted(set(imports) - set(placed))}"
+        placed += ready

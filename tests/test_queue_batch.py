@@ -1,8 +1,9 @@
 """The batch command's parts without a server: the choice of server, the jobs file (columns,
-folders and globs, every bad row reported), the manifest and what a rerun skips, the progress
-line, the dispatcher's handling of lost servers, failed jobs and Ctrl-C (with the job runs
-replaced), and the one-prompt wait's lost-prompt and cancel checks it relies on. Against real
-servers: test_host_queue_batch.py."""
+folders and globs, every problem of every row reported: values against the server's types,
+ranges and choices, picture columns by their content), the manifest and what a rerun skips, the
+progress line, the dispatcher's handling of lost servers, failed jobs and Ctrl-C (with the job
+runs replaced), and the one-prompt wait's lost-prompt and cancel checks it relies on. Against
+real servers: test_host_queue_batch.py."""
 from __future__ import annotations
 
 import json
@@ -20,21 +21,24 @@ sys.path.append(PACK_ROOT)
 from controlnext_queue import batch  # noqa: E402
 from controlnext_queue.batch import (Batch, Job, Manifest, Options, Server, choose_server, read_jobs,  # noqa: E402
                                      read_rows, server_seconds)
-from controlnext_queue.cli import wait  # noqa: E402
+from controlnext_queue.submission import wait  # noqa: E402
 from controlnext_queue.errors import Exit, QueueError  # noqa: E402
 from controlnext_queue.progress import batch_line  # noqa: E402
 
 OBJECT_INFO = {
     "LoadImage": {"input": {"required": {"image": [["x.png"], {"image_upload": True}]}}},
     "Loader": {"input": {"required": {"ckpt_name": [["a.safetensors"], {}]}}},
-    "Sampler": {"input": {"required": {"seed": ["INT", {}], "strength": ["FLOAT", {}], "text": ["STRING", {}]}}},
+    "Sampler": {"input": {"required": {"seed": ["INT", {"min": 0, "max": 2**64 - 1}],
+                                       "strength": ["FLOAT", {"min": 0.0, "max": 10.0}], "text": ["STRING", {}],
+                                       "sampler_name": [["euler", "heun"], {}], "flip": ["BOOLEAN", {}]}}},
     "Save": {"input": {"required": {"images": ["IMAGE"]}}, "output_node": True},
 }
 PROMPT = {
     "1": {"class_type": "LoadImage", "inputs": {"image": "x.png"}, "_meta": {"title": "Photo"}},
     "2": {"class_type": "LoadImage", "inputs": {"image": "x.png"}, "_meta": {"title": "Pose"}},
     "3": {"class_type": "Loader", "inputs": {"ckpt_name": "a.safetensors"}, "_meta": {"title": "Load"}},
-    "4": {"class_type": "Sampler", "inputs": {"seed": 1, "strength": 1.0, "text": "a fox"}, "_meta": {"title": "S"}},
+    "4": {"class_type": "Sampler", "inputs": {"seed": 1, "strength": 1.0, "text": "a fox", "sampler_name": "euler",
+                                              "flip": False}, "_meta": {"title": "S"}},
     "5": {"class_type": "Save", "inputs": {"images": ["4", 0]}, "_meta": {"title": "Save"}},
 }
 
@@ -118,11 +122,15 @@ def test_unreadable_jobs_files_say_where(tmp_path, name, text, message):
     assert raised.value.code == Exit.USAGE and message in raised.value.message
 
 
+PNG_START = b"\x89PNG\r\n\x1a\n"
+
+
 def image_files(folder, names: dict[str, bytes]) -> None:
+    """Files that start as PNG files do, then ``data``: the content tells them apart."""
     for name, data in names.items():
         path = folder / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
+        path.write_bytes(PNG_START + data)
 
 
 def base_job() -> Job:
@@ -141,7 +149,8 @@ def test_folders_and_globs_make_one_job_per_file_and_every_pair_of_them(tmp_path
     uploads = {job.name: sorted(os.path.basename(p) for p in job.uploads.values()) for job in jobs}
     assert uploads["pair-ben-wave"] == ["ben.jpg", "wave.webp"] and uploads["row2"] == ["one.png"]
     first = jobs[0].prompt
-    assert first["4"]["inputs"] == {"seed": 3, "strength": 1.0, "text": "a fox"}
+    assert first["4"]["inputs"] == {"seed": 3, "strength": 1.0, "text": "a fox", "sampler_name": "euler",
+                                    "flip": False}
     assert first["1"]["inputs"]["image"] in jobs[0].uploads and first["1"]["inputs"]["image"].startswith("anna-")
     assert jobs[4].prompt["4"]["inputs"]["text"] == "a dog" and jobs[4].prompt["2"]["inputs"]["image"] == "x.png"
     assert jobs[4].source == f"{path}:3"
@@ -171,15 +180,43 @@ def test_every_bad_row_is_reported_at_once_and_the_good_ones_are_not(tmp_path):
     with pytest.raises(QueueError) as raised:
         read_jobs(path, base_job(), OBJECT_INFO)
     lines = raised.value.message.splitlines()
-    assert lines[0] == f"7 bad row(s) in {path}; nothing was queued:"
+    assert lines[0] == f"7 problem(s) in 7 row(s) of {path}; nothing was queued:"
     assert [line.split(": ")[0].strip() for line in lines[1:] if line.startswith(f"  {path}")] == [
         f"{path}:{n}" for n in (2, 3, 4, 5, 6, 7, 8)]
     text = raised.value.message
     assert "no node 'Nope'" in text and "cannot read the image" in text and "gone.png" in text
     assert "matches no file" in text and "'seven' is not a valid INT" in text
-    assert "'b.safetensors' is not installed" in text and "column 'Photo2' names no node" in text
+    assert "'b.safetensors' is not installed" in text and "Photo2: the column names no node" in text
     assert f"the job name 'good' is {path}:1's too" in text
     assert raised.value.code == Exit.USAGE
+
+
+def test_every_problem_of_a_row_is_listed_with_its_column_and_what_the_server_allows(tmp_path):
+    """Values checked as the server checks them (type, min/max, choices), picture columns by their
+    content: each bad cell, and each bad file of a folder, is a line of the one error."""
+    image_files(tmp_path, {"fox.png": b"f", "refs/anna.png": b"a"})
+    (tmp_path / "table.csv").write_text("name,seed\nfox,7\n")
+    (tmp_path / "refs" / "ben.png").write_text("a table named .png\n")
+    rows = [{"name": "ranges", "S.seed": -5, "S.strength": 99, "S.sampler_name": "euler_x", "Photo": "table.csv"},
+            {"name": "good", "Photo": "fox.png", "S.seed": 2**64 - 1, "S.strength": 10, "S.flip": "yes"},
+            {"name": "types", "S.seed": 1.5, "S.strength": "strong", "S.flip": "maybe", "Pose": "refs"}]
+    path = write(tmp_path / "jobs.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(QueueError) as raised:
+        read_jobs(path, base_job(), OBJECT_INFO)
+    assert raised.value.code == Exit.USAGE
+    assert raised.value.message.splitlines() == [
+        f"8 problem(s) in 2 row(s) of {path}; nothing was queued:",
+        f"  {path}:1: S.seed: -5 is out of range (allowed: a whole number from 0 to 18446744073709551615).",
+        f"  {path}:1: S.strength: 99.0 is out of range (allowed: a number from 0.0 to 10.0).",
+        f"  {path}:1: S.sampler_name: 'euler_x' is not one of the choices (allowed: one of euler, heun).",
+        f"  {path}:1: Photo: {tmp_path / 'table.csv'} is not a picture (allowed: PNG, JPEG, WEBP, GIF, BMP or TIFF "
+        f"files, as Load Image reads).",
+        f"  {path}:3: S.seed: '1.5' is not a valid INT (allowed: a whole number from 0 to 18446744073709551615).",
+        f"  {path}:3: S.strength: 'strong' is not a valid FLOAT (allowed: a number from 0.0 to 10.0).",
+        f"  {path}:3: S.flip: 'maybe' is not a valid BOOLEAN (allowed: true / false / 1 / 0 / yes / no).",
+        f"  {path}:3: Pose: {tmp_path / 'refs' / 'ben.png'} is not a picture (allowed: PNG, JPEG, WEBP, GIF, BMP or "
+        f"TIFF files, as Load Image reads).",
+    ]
 
 
 def test_the_command_line_values_apply_to_every_job_and_rows_override_them(tmp_path):
@@ -333,7 +370,7 @@ def test_ctrl_c_cancels_the_jobs_in_flight_and_leaves_the_rest_pending(tmp_path,
     previous = signal.getsignal(signal.SIGINT)
     run, code, calls, records = run_batch(tmp_path, ["first", "second", "third", "fourth"], ["a", "b"], behaviour,
                                           monkeypatch=monkeypatch)
-    assert code == 130
+    assert code == Exit.CTRL_C
     assert {name: record["status"] for name, record in records.items()} == {
         "first": "done", "second": "cancelled", "third": "cancelled", "fourth": "pending"}
     assert signal.getsignal(signal.SIGINT) is previous
@@ -357,16 +394,16 @@ class LostPromptClient:
 
 
 def test_waiting_ends_when_the_server_no_longer_has_the_prompt(monkeypatch):
-    monkeypatch.setattr("controlnext_queue.cli.IDLE_CHECK_SECONDS", -1.0)
-    monkeypatch.setattr("controlnext_queue.cli.HISTORY_POLL_SECONDS", 0.0)
+    monkeypatch.setattr("controlnext_queue.submission.IDLE_CHECK_SECONDS", -1.0)
+    monkeypatch.setattr("controlnext_queue.submission.HISTORY_POLL_SECONDS", 0.0)
     with pytest.raises(QueueError) as raised:
         wait(LostPromptClient(), None, "p1", {}, {}, timeout=5.0, show_progress=False)
     assert raised.value.code == Exit.CONNECTION_LOST and "no longer on http://127.0.0.1:1" in raised.value.message
 
 
 def test_a_queued_prompt_is_waited_for_and_a_cancel_stops_the_wait(monkeypatch):
-    monkeypatch.setattr("controlnext_queue.cli.IDLE_CHECK_SECONDS", -1.0)
-    monkeypatch.setattr("controlnext_queue.cli.HISTORY_POLL_SECONDS", 0.01)
+    monkeypatch.setattr("controlnext_queue.submission.IDLE_CHECK_SECONDS", -1.0)
+    monkeypatch.setattr("controlnext_queue.submission.HISTORY_POLL_SECONDS", 0.01)
     cancelled = threading.Event()
     threading.Timer(0.3, cancelled.set).start()
     client = LostPromptClient(queued=True)

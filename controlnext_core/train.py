@@ -15,9 +15,9 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
+import uuid
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterable, Mapping, Protocol
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 import torch
 from torch.nn import functional as F
@@ -125,6 +125,17 @@ def add_noise(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tenso
     return a ** 0.5 * latents + (1 - a) ** 0.5 * noise
 
 
+def noise_schedule(sigmas: torch.Tensor) -> torch.Tensor:
+    """The alphas_cumprod of a model's discrete sigmas (``sigma = sqrt((1 - a) / a)``). The scaled-linear
+    schedule comes back as the official fp32 numbers, so SD1.5 / SDXL steps stay bit-exact; another
+    schedule (zero terminal SNR, other betas) is the model's own."""
+    derived = 1.0 / (1.0 + sigmas.detach().double().cpu() ** 2)
+    official = ddpm_alphas_cumprod(len(derived))
+    if torch.allclose(derived, official.double(), rtol=1e-5, atol=0.0):
+        return official
+    return derived.float()
+
+
 def velocity(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
              alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """DDPMScheduler.get_velocity: the v-prediction target."""
@@ -137,8 +148,7 @@ class Adafactor(torch.optim.Optimizer):
     ``scale_parameter`` and ``warmup_init`` off): the step size is the group's lr, a factored
     second moment for matrices, updates clipped to RMS 1, no momentum, no weight decay."""
 
-    def __init__(self, params, lr: float, eps: tuple[float, float] = (1e-30, 1e-3), clip_threshold: float = 1.0,
-                 decay_rate: float = -0.8):
+    def __init__(self, params, lr: float, eps: float = 1e-30, clip_threshold: float = 1.0, decay_rate: float = -0.8):
         super().__init__(params, dict(lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate))
 
     @staticmethod
@@ -146,7 +156,7 @@ class Adafactor(torch.optim.Optimizer):
         return tensor.norm(2) / (tensor.numel() ** 0.5)
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self):
         for group in self.param_groups:
             for param in group["params"]:
                 if param.grad is None:
@@ -163,7 +173,7 @@ class Adafactor(torch.optim.Optimizer):
                         state["second_moment"] = torch.zeros_like(grad)
                 state["step"] += 1
                 beta2 = 1.0 - math.pow(state["step"], group["decay_rate"])
-                update = grad ** 2 + group["eps"][0]
+                update = grad ** 2 + group["eps"]
                 if factored:
                     row, col = state["row"], state["col"]
                     row.mul_(beta2).add_(update.mean(dim=-1), alpha=1.0 - beta2)
@@ -193,6 +203,14 @@ def make_optimizer(encoder_parameters: list[torch.nn.Parameter], unet_parameters
 def warmup_factor(step: int, warmup_steps: int) -> float:
     """diffusers' constant_with_warmup at optimiser step ``step`` (0-based): 0 at the first."""
     return 1.0 if step >= warmup_steps else step / max(1, warmup_steps)
+
+
+def trainable_copy(encoder: ConditionEncoder) -> ConditionEncoder:
+    """A copy to train further: the encoder given (a loaded file, a CONTROLNEXT) stays as it was."""
+    copy = type(encoder)(encoder.config)
+    copy.load_state_dict(encoder.state_dict())
+    copy.control_scale = encoder.control_scale
+    return copy
 
 
 def new_encoder(seed: int) -> ConditionEncoder:
@@ -233,7 +251,8 @@ class Trainer:
     """Trains an encoder (and optionally the official UNet subset) with one ``step`` per batch."""
 
     def __init__(self, encoder: ConditionEncoder, unet_weights: Mapping[str, torch.Tensor],
-                 settings: TrainingSettings, device: torch.device | str = "cpu"):
+                 settings: TrainingSettings, device: torch.device | str = "cpu",
+                 alphas_cumprod: torch.Tensor | None = None):
         if encoder.layout != TRAIN_LAYOUT:
             raise ControlNeXtError(
                 f"Only {families.LAYOUT_DESCRIPTIONS[TRAIN_LAYOUT]} encoders can be trained here (the layout of the "
@@ -250,7 +269,12 @@ class Trainer:
         self.optimizer = make_optimizer(list(self.encoder.parameters()), list(self.unet_parameters.values()),
                                         self.settings)
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
-        self.alphas_cumprod = ddpm_alphas_cumprod().to(self.device)
+        # the model's own noise schedule where it has one (noise_schedule), else the official one
+        schedule = ddpm_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod.float()
+        if schedule.shape != (TRAIN_TIMESTEPS,):
+            raise ControlNeXtError(f"The model's noise schedule has {schedule.shape[0]} steps; ControlNeXt trains "
+                                   f"models of {TRAIN_TIMESTEPS} discrete timesteps as SD1.5 and SDXL have.")
+        self.alphas_cumprod = schedule.to(self.device)
         self.generator = torch.Generator(device=self.device).manual_seed(self.settings.seed)  # noise, timesteps
         self.data_generator = torch.Generator().manual_seed(self.settings.seed)  # batches, empty prompts
         self._order: list[int] = []
@@ -352,6 +376,17 @@ def release_unet_weights(trained: Mapping[str, torch.Tensor], base: Mapping[str,
     return {name: value.float().contiguous() for name, value in trained.items()}
 
 
+def loss_summary(losses: Sequence[float], window: int = 10) -> str:
+    """The loss at the start and the end of a run, each the mean of up to ``window`` steps (one
+    step's loss mostly says which timesteps it drew)."""
+    if not losses:
+        return "no step trained"
+    window = max(1, min(window, len(losses) // 2 or 1))
+    first, last = sum(losses[:window]) / window, sum(losses[-window:]) / window
+    span = f"mean of the first and last {window} steps" if window > 1 else "first and last step"
+    return f"loss {first:.4f} -> {last:.4f} ({span})"
+
+
 METADATA_FORMAT = "ControlNeXt"
 ENCODER_FILE = "controlnet.safetensors"
 UNET_FILE = "unet.safetensors"
@@ -362,6 +397,12 @@ def release_metadata(family: str, control_scale: float, steps: int, base_model: 
     ``control_scale``; the official scripts keep theirs outside the file (files without it load at 1.0)."""
     return {"format": METADATA_FORMAT, families.METADATA_FAMILY: family, "layout": TRAIN_LAYOUT,
             "control_scale": repr(float(control_scale)), "steps": str(int(steps)), "base_model": base_model}
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def save_release(folder: str, encoder: ConditionEncoder, unet_weights: Mapping[str, torch.Tensor] | None,
@@ -380,10 +421,10 @@ def save_release(folder: str, encoder: ConditionEncoder, unet_weights: Mapping[s
             f"{', '.join(existing)} already exists: choose another name, or allow overwriting.")
     os.makedirs(folder, exist_ok=True)
     for path, tensors in zip(paths, files.values()):
-        handle, temporary = tempfile.mkstemp(prefix=".controlnext-", suffix=".tmp", dir=folder)
-        os.close(handle)
+        temporary = os.path.join(folder, f".controlnext-{uuid.uuid4().hex}.tmp")
         try:
             safetensors.torch.save_file(tensors, temporary, metadata=dict(metadata))
+            os.chmod(temporary, 0o666 & ~_umask())  # as ComfyUI's outputs (safetensors writes 0600)
             os.replace(temporary, path)
         finally:
             if os.path.exists(temporary):

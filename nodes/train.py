@@ -2,7 +2,8 @@
 as a release (core: controlnext_core.train), and load a folder of pictures with their captions.
 
 ComfyUI runs nodes under ``torch.inference_mode``; training runs inside ``inference_mode(False)``
-and through the UNet module itself (not a copy), reading the trained weights from the trainer.
+on a clone of the MODEL, whose ModelPatcher carries the trained weights as weight wrappers (as
+ComfyUI's own Train LoRA does) and loads it under ComfyUI's memory management.
 """
 from __future__ import annotations
 
@@ -17,14 +18,16 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 import comfy.model_management
+import comfy.model_sampling
 import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
 from ..controlnext_core import ControlNeXtError, injection_block, resize_control, rule_for
-from ..controlnext_core.train import (EMPTY_PROMPT, OPTIMIZERS, TRAIN_LAYOUT, Trainer, TrainingBatch,
-                                      TrainingDiverged, TrainingSettings, new_encoder, release_metadata,
-                                      release_unet_weights, save_release, trainable_unet_names)
+from ..controlnext_core.train import (EMPTY_PROMPT, OPTIMIZERS, RECIPES, TRAIN_LAYOUT, Trainer, TrainingBatch,
+                                      TrainingDiverged, TrainingSettings, loss_summary, new_encoder, noise_schedule,
+                                      release_metadata, release_unet_weights, save_release, trainable_copy,
+                                      trainable_unet_names)
 from ..controlnext_core.unet_weights import OFFICIAL_MODE
 from .loaders import CATEGORY, FOLDER, ControlNeXtType, patch_unet_weights_from
 from .patch import LATENT_SCALE, PATCH_KIND, ControlNeXtFile, control_image_from_comfy, model_family, model_type_name
@@ -35,6 +38,8 @@ LossMapType = io.Custom("LOSS_MAP")  # ComfyUI's own Plot Loss Graph takes it
 UNET_CHOICES = ("official subset", "none")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+OFFICIAL = "official"  # the optimizer choice that takes the whole official recipe
+LOG_LINES = 20  # loss lines a run writes to the server log
 
 
 class TrainedControlNeXt(ControlNeXtFile):
@@ -67,23 +72,64 @@ class TrainingPatch:
         return (h, rest[0]) if len(rest) == 2 else h
 
 
-class ComfyDenoiser:
-    """The MODEL's UNet as ``controlnext_core.train.Denoiser``: raw DDPM inputs and integer
-    timesteps (as the official scripts feed diffusers' UNet); the trained weights come in through
-    ``trained_weights_in``."""
+class MasterWeight:
+    """A weight wrapper: the layer computes with the trainer's fp32 master of this weight (inside its
+    forward, so a checkpointed layer's recomputation reads it too)."""
 
-    def __init__(self, model, family: str):
-        self.base = model.model
-        self.unet = self.base.diffusion_model
-        self.family = family
+    def __init__(self, masters: dict[str, torch.nn.Parameter], name: str):
+        self.masters, self.name = masters, name
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.masters[self.name].to(weight.dtype)
+
+
+def computed_from_a_copy(weight: torch.Tensor) -> torch.Tensor:
+    """A weight wrapper that changes nothing: a layer with one casts a copy of its weight per call,
+    and outside inference mode that copy (unlike a weight loaded under ComfyUI's inference mode)
+    can be saved for the backward pass."""
+    return weight
+
+
+class ComfyDenoiser:
+    """The MODEL's UNet as ``controlnext_core.train.Denoiser``: raw DDPM inputs and integer timesteps
+    (as the official scripts feed diffusers' UNet). It works on a clone of the MODEL: the training
+    patch and the weight wrappers live on the clone's ModelPatcher, which ComfyUI loads (making room
+    for it) and unloads, so the MODEL given is never changed."""
+
+    def __init__(self, model, family: str, trained_names: list[str]):
+        self.patcher = model.clone()
         rule = rule_for(family, TRAIN_LAYOUT)
-        self.patch = TrainingPatch(injection_block(rule, list(self.unet.num_res_blocks)))
-        options = model.model_options.get("transformer_options", {})
-        patches = {k: list(v) for k, v in options.get("patches", {}).items()}
-        kind = PATCH_KIND[self.patch.block[0]]
-        patches[kind] = patches.get(kind, []) + [self.patch]
-        self.transformer_options = {**options, "patches": patches}
-        self.dtype = self.base.manual_cast_dtype or self.base.get_dtype()
+        self.patch = TrainingPatch(injection_block(rule, list(model.model.diffusion_model.num_res_blocks)))
+        self.patcher.set_model_patch(self.patch, PATCH_KIND[self.patch.block[0]])
+        self.masters: dict[str, torch.nn.Parameter] = {}
+        for name in trained_names:
+            self.patcher.add_weight_wrapper(f"diffusion_model.{name}", MasterWeight(self.masters, name))
+        trained, layers = set(trained_names), dict(model.model.diffusion_model.named_modules())
+        for name, tensor in model.model.diffusion_model.named_parameters():
+            layer_name, kind = name.rsplit(".", 1)
+            if (tensor.is_inference() or name in trained) and not hasattr(layers[layer_name], f"{kind}_function"):
+                raise ControlNeXtError(f"The UNet layer '{layer_name}' is not one of ComfyUI's layers, so it cannot "
+                                       f"be trained through; load the model with a ComfyUI loader.")
+            if tensor.is_inference() and name not in trained:
+                self.patcher.add_weight_wrapper(f"diffusion_model.{name}", computed_from_a_copy)
+        self.unet = self.patcher.model.diffusion_model
+        self.dtype = self.patcher.model.manual_cast_dtype or self.patcher.model.get_dtype()
+
+    @contextlib.contextmanager
+    def loaded(self, use_checkpointing: bool):
+        """The clone loaded as ComfyUI's own trainer loads its model (other models make room), with
+        the UNet's own weights frozen and, optionally, gradient checkpointing."""
+        comfy.model_management.load_models_gpu([self.patcher], memory_required=1e20, force_full_load=True)
+        with frozen(self.unet), gradient_checkpointing(self.unet, use_checkpointing):
+            yield self
+
+    def unet_weights(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The loaded UNet's weights of these names (with the MODEL's own patches, e.g. a LoRA)."""
+        state = dict(self.unet.named_parameters())
+        return {name: state[name] for name in names}
+
+    def train_through(self, unet_parameters: dict[str, torch.nn.Parameter]) -> None:
+        self.masters.update(unet_parameters)
 
     def __call__(self, noisy, timesteps, conditioning, inject):
         context, y = conditioning
@@ -91,39 +137,27 @@ class ComfyDenoiser:
         try:
             return self.unet(noisy.to(self.dtype), timesteps.float(), context=context.to(noisy.device, self.dtype),
                              y=None if y is None else y.to(noisy.device, self.dtype),
-                             transformer_options=dict(self.transformer_options))
+                             transformer_options=dict(self.patcher.model_options["transformer_options"]))
         finally:
             self.patch.inject = None
 
 
-def _master_weight(master: torch.nn.Parameter, weight: torch.Tensor) -> torch.Tensor:
-    return master.to(weight.dtype)
+def training_objective(model) -> tuple[str, torch.Tensor]:
+    """(prediction type, alphas_cumprod) from the MODEL's own sampling object, so a model patched by
+    ComfyUI's ModelSamplingDiscrete (v_prediction, zsnr) trains the way it samples."""
+    sampling = model.get_model_object("model_sampling")
+    kinds = comfy.model_sampling
+    if (not isinstance(sampling, kinds.ModelSamplingDiscrete) or isinstance(sampling, (kinds.EDM, kinds.X0))
+            or not isinstance(sampling, kinds.EPS)):
+        raise ControlNeXtError(
+            f"This model samples as {type(sampling).__name__} ({', '.join(c.__name__ for c in type(sampling).__mro__[1:3])}); "
+            f"ControlNeXt trains models with discrete timesteps that predict the noise (eps) or v, as SD1.5 and "
+            f"SDXL checkpoints do. Remove a ModelSampling node that sets another type before Train ControlNeXt.")
+    prediction = "v_prediction" if isinstance(sampling, kinds.V_PREDICTION) else "epsilon"
+    return prediction, noise_schedule(sampling.sigmas)
 
 
-@contextlib.contextmanager
-def trained_weights_in(unet, unet_parameters: dict[str, torch.nn.Parameter]):
-    """The UNet reads the trainer's fp32 masters in place of the weights being trained, through
-    ComfyUI's per-layer weight functions: inside each layer's forward, so a checkpointed layer's
-    recomputation reads them too. The layers' own weights are never written."""
-    modules = dict(unet.named_modules())
-    saved = []
-    for name, master in unet_parameters.items():
-        module_name, kind = name.rsplit(".", 1)
-        module = modules[module_name]
-        attribute = f"{kind}_function"
-        if not hasattr(module, attribute):
-            raise ControlNeXtError(f"The UNet layer '{module_name}' is not one of ComfyUI's layers, so its weights "
-                                   f"cannot be trained here; load the model with a ComfyUI loader.")
-        saved.append((module, attribute, getattr(module, attribute)))
-        setattr(module, attribute, list(getattr(module, attribute)) + [functools.partial(_master_weight, master)])
-    try:
-        yield
-    finally:
-        for module, attribute, functions in reversed(saved):
-            setattr(module, attribute, functions)
-
-
-def _batch_conditioning(model, family: str, entries: list, latent_shape) -> tuple[torch.Tensor, torch.Tensor | None]:
+def batch_conditioning(model, family: str, entries: list, latent_shape) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Stack CONDITIONING entries of one batch into (context, SDXL's y with the official time ids:
     original and target size = the training size, crop 0)."""
     tokens = math.lcm(*[entry[0].shape[1] for entry in entries])
@@ -131,14 +165,29 @@ def _batch_conditioning(model, family: str, entries: list, latent_shape) -> tupl
     if family != "sdxl":
         return context, None
     height, width = latent_shape[-2] * LATENT_SCALE, latent_shape[-1] * LATENT_SCALE
-    missing = [i for i, entry in enumerate(entries) if entry[1].get("pooled_output") is None]
-    if missing:
-        raise ControlNeXtError("SDXL training needs the pooled text embedding in each conditioning: encode the "
-                               "captions with an SDXL checkpoint's CLIP (CLIP Text Encode does).")
     y = torch.cat([model.model.encode_adm(pooled_output=entry[1]["pooled_output"], width=width, height=height,
                                           crop_w=0, crop_h=0, target_width=width, target_height=height)
                    for entry in entries])
     return context, y
+
+
+def check_conditioning(model, family: str, conditionings: list, what: str) -> None:
+    """Captions encoded by another model's CLIP fail deep inside the UNet: say so before training."""
+    config = model.model.model_config.unet_config
+    width = config.get("context_dim")
+    pooled_width = config.get("adm_in_channels", 0) - 6 * 256 if family == "sdxl" else None  # SDXL's y: pooled + 6 time ids
+    for index, (cond, extra) in enumerate(conditionings):
+        if width is not None and cond.shape[-1] != width:
+            raise ControlNeXtError(
+                f"The {what} {index} is {cond.shape[-1]} wide but this {model_type_name(model.model)} model takes "
+                f"{width}: encode the captions with this checkpoint's CLIP (the CLIP output of its loader).")
+        if pooled_width is not None:
+            pooled = extra.get("pooled_output")
+            if pooled is None or pooled.shape[-1] != pooled_width:
+                raise ControlNeXtError(
+                    f"SDXL training needs the pooled text embedding ({pooled_width} wide) in each conditioning; the "
+                    f"{what} {index} has {'none' if pooled is None else pooled.shape[-1]}: encode the captions with "
+                    f"an SDXL checkpoint's CLIP (CLIP Text Encode does).")
 
 
 def encode_text(clip, text: str) -> list:
@@ -151,13 +200,15 @@ def encode_text(clip, text: str) -> list:
 def frozen(module: torch.nn.Module):
     """No gradient for the module's own weights while training (only the trainer's parameters get
     one); each weight's flag is put back afterwards."""
-    flags = [(param, param.requires_grad) for param in module.parameters()]
-    module.requires_grad_(False)
+    asking = [param for param in module.parameters() if param.requires_grad]
+    for param in asking:
+        param.requires_grad_(False)
     try:
         yield
     finally:
-        for param, flag in flags:
-            param.requires_grad_(flag)
+        for param in asking:
+            with torch.inference_mode(param.is_inference()):  # where torch allows an inference tensor the flag
+                param.requires_grad_(True)
 
 
 @contextlib.contextmanager
@@ -172,19 +223,6 @@ def gradient_checkpointing(unet, enabled: bool):
     finally:
         for layer in layers:
             del layer.forward
-
-
-def make_weights_trainable_through(module: torch.nn.Module) -> None:
-    """Weights loaded under ComfyUI's inference mode cannot be saved for backward. Replace each such
-    tensor by an ordinary one with the same values, one at a time (no lasting copy; outputs unchanged)."""
-    with torch.inference_mode(False):
-        for sub in module.modules():
-            for name, param in list(sub.named_parameters(recurse=False)):
-                if param.is_inference():
-                    setattr(sub, name, torch.nn.Parameter(param.clone(), requires_grad=False))
-            for name, buffer in list(sub.named_buffers(recurse=False)):
-                if buffer.is_inference():
-                    sub.register_buffer(name, buffer.clone())
 
 
 def _autocast_dtype(precision: str, model) -> torch.dtype | None:
@@ -210,7 +248,47 @@ def check_training_inputs(model, latents: torch.Tensor, images: torch.Tensor, po
         raise ControlNeXtError(
             f"{len(positive)} conditionings for {latents.shape[0]} latents: give one (used for every picture) or "
             f"one per latent (a caption each).")
+    check_conditioning(model, family, positive, "conditioning")
     return family
+
+
+def control_scale_for(control_scale: float, controlnext) -> tuple[float, str]:
+    """The scale to train at and what to say about it: 0 means the continued file's own scale (1.0
+    for a new encoder), so continuing a file at the defaults never changes its scale."""
+    if controlnext is None:
+        return (control_scale or 1.0), ""
+    own = controlnext.encoder.control_scale
+    if not control_scale or control_scale == own:
+        return own, f"Continued at the file's control scale {own:g}."
+    return control_scale, f"The control scale changed from the file's {own:g} to {control_scale:g}, as set."
+
+
+def recipe_text(settings: TrainingSettings) -> str:
+    clipping = f", gradients clipped at {settings.max_grad_norm:g}" if settings.max_grad_norm else ""
+    return (f"{settings.optimizer}, lr encoder {settings.encoder_lr:g} / UNet {settings.unet_lr:g}, "
+            f"{settings.warmup_steps} warm-up steps{clipping}")
+
+
+def _official(family: str) -> str:
+    recipe = RECIPES[family]
+    clipping = f", clipping at {recipe.max_grad_norm:g}" if recipe.max_grad_norm else ""
+    return (f"{recipe.optimizer}, encoder {recipe.encoder_lr:g}, UNet {recipe.unet_lr:g}, {recipe.warmup_steps} "
+            f"warm-up steps{clipping}")
+
+
+def base_model_name(prompt: dict | None, node_id, model) -> str:
+    """The checkpoint the trained MODEL came from, followed up the graph's model links (a loader's
+    ckpt_name / unet_name); the model type where the graph does not say."""
+    node = (prompt or {}).get(str(node_id))
+    for _ in range(len(prompt or {})):
+        link = (node or {}).get("inputs", {}).get("model")
+        if not isinstance(link, list) or str(link[0]) not in prompt:
+            break
+        node = prompt[str(link[0])]
+        for key in ("ckpt_name", "unet_name"):
+            if isinstance(node.get("inputs", {}).get(key), str):
+                return node["inputs"][key]
+    return model_type_name(model.model)
 
 
 class TrainControlNeXt(io.ComfyNode):
@@ -221,9 +299,11 @@ class TrainControlNeXt(io.ComfyNode):
             display_name="Train ControlNeXt",
             category=TRAIN_CATEGORY,
             description="Trains a ControlNeXt encoder (and, as the official scripts do, the UNet's attention "
-                        "outputs) on your pictures and their control images. Cancel stops and keeps what was trained.",
+                        "outputs) on your pictures and their control images. Cancel stops and keeps what was trained: "
+                        "the nodes after it (Save ControlNeXt) still run.",
             inputs=[
-                io.Model.Input("model", tooltip="The SD1.5 or SDXL model to train for (a fine-tune works)."),
+                io.Model.Input("model", tooltip="The SD1.5 or SDXL model to train for (a fine-tune works; its "
+                                                "prediction type, eps or v, and noise schedule are used)."),
                 io.Latent.Input("latents", tooltip="The training pictures, VAE-encoded (one latent per picture)."),
                 io.Conditioning.Input("positive", tooltip="The captions: one conditioning for all pictures, or one "
                                                           "per picture (Load Training Pictures gives one per picture)."),
@@ -233,24 +313,33 @@ class TrainControlNeXt(io.ComfyNode):
                              tooltip="Optimiser steps. The paper reports convergence in about 400."),
                 io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Pictures per step."),
                 io.Float.Input("encoder_lr", default=1e-4, min=0.0, max=1.0, step=1e-6,
-                               tooltip="Learning rate of the encoder (official examples: 1e-4)."),
+                               tooltip="Learning rate of the encoder (official examples: 1e-4). Not used with "
+                                       "optimizer = official, which takes the recipe's own."),
                 io.Float.Input("unet_lr", default=1e-5, min=0.0, max=1.0, step=1e-7,
-                               tooltip="Learning rate of the trained UNet weights (official examples: 1e-5)."),
+                               tooltip="Learning rate of the trained UNet weights (official examples: 1e-5). Not "
+                                       "used with optimizer = official, which takes the recipe's own."),
                 io.Combo.Input("train_unet", options=list(UNET_CHOICES), default=UNET_CHOICES[0],
                                tooltip="official subset: SD1.5 every attention output (to_out), SDXL the "
                                        "cross-attention outputs (attn2 to_out), as the official scripts. "
                                        "none: the encoder only (works on any fine-tune without a UNet file)."),
-                io.Combo.Input("optimizer", options=["official", *OPTIMIZERS], default="official",
-                               tooltip="official: AdamW for SD1.5, Adafactor with gradient clipping at 1.0 for SDXL."),
+                io.Combo.Input("optimizer", options=[OFFICIAL, *OPTIMIZERS], default=OFFICIAL,
+                               tooltip=f"official: the whole recipe of the family's official script, whatever "
+                                       f"encoder_lr, unet_lr and warmup_steps say (SD1.5: {_official('sd15')}; "
+                                       f"SDXL: {_official('sdxl')}). adamw / adafactor: that optimiser with the "
+                                       f"learning rates and warm-up set here (SDXL keeps its clipping at 1.0)."),
                 io.Int.Input("warmup_steps", default=0, min=0, max=100000,
-                             tooltip="Linear learning-rate warm-up (the official SDXL script uses 500)."),
-                io.Float.Input("control_scale", default=1.0, min=0.0, max=10.0, step=0.01,
+                             tooltip="Linear learning-rate warm-up steps. Not used with optimizer = official (the "
+                                     "SDXL recipe warms up over 500)."),
+                io.Float.Input("control_scale", default=0.0, min=0.0, max=10.0, step=0.01,
                                tooltip="How strongly the control is added while training; saved in the file and "
-                                       "applied when it is loaded (official SD1.5 examples: 0.35)."),
+                                       "applied when it is loaded (official SD1.5 examples: 0.35). 0: the scale of "
+                                       "the file continued (controlnext input), or 1.0 for a new encoder."),
                 io.Float.Input("proportion_empty_prompts", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Share of steps trained with an empty prompt so control works without "
                                        "a caption (official SDXL example: 0.2). Needs the clip input."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seeds a new encoder's weights, the noise, the timesteps, the order of the "
+                                     "pictures and the empty prompts: the same seed and inputs train the same run."),
                 io.Boolean.Input("gradient_checkpointing", default=True,
                                  tooltip="Less memory for a little more time: recompute the UNet's activations "
                                          "in the backward pass."),
@@ -259,7 +348,8 @@ class TrainControlNeXt(io.ComfyNode):
                                        "auto: the model's own."),
                 ControlNeXtType.Input("controlnext", optional=True,
                                       tooltip="Continue training this encoder (a \"base\" layout file) instead "
-                                              "of starting a new one."),
+                                              "of starting a new one; it keeps its control scale unless "
+                                              "control_scale is set."),
                 io.Clip.Input("clip", optional=True,
                               tooltip="Encodes the empty prompt for proportion_empty_prompts."),
             ],
@@ -268,7 +358,7 @@ class TrainControlNeXt(io.ComfyNode):
                 io.Model.Output(display_name="MODEL", tooltip="The model with the trained UNet weights as patches."),
                 LossMapType.Output(display_name="loss", tooltip="The loss of every step (Plot Loss Graph)."),
             ],
-            hidden=[io.Hidden.unique_id],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
         )
 
     @classmethod
@@ -282,69 +372,89 @@ class TrainControlNeXt(io.ComfyNode):
         if proportion_empty_prompts > 0 and clip is None:
             raise ControlNeXtError("proportion_empty_prompts is above 0: connect the checkpoint's CLIP to the clip "
                                    "input so the empty prompt can be encoded.")
+        if controlnext is not None and controlnext.layout != TRAIN_LAYOUT:
+            raise ControlNeXtError(
+                f"'{controlnext.name}' has the layout of the SD1.5 releases, which the official training code does "
+                f"not train; continue a \"base\" layout file (SDXL releases, or one trained here), or start a new "
+                f"encoder.")
+        scale, scale_note = control_scale_for(control_scale, controlnext)
+        prediction, alphas_cumprod = training_objective(model)
+        official = optimizer == OFFICIAL
         settings = TrainingSettings(
-            family=family, steps=steps, batch_size=batch_size, encoder_lr=encoder_lr, unet_lr=unet_lr,
-            train_unet=train_unet != "none", optimizer=None if optimizer == "official" else optimizer,
-            warmup_steps=warmup_steps, control_scale=control_scale,
-            prediction="v_prediction" if "V_PREDICTION" in type(model.model.model_sampling).__name__ else "epsilon",
-            proportion_empty_prompts=proportion_empty_prompts, seed=seed).resolved()
+            family=family, steps=steps, batch_size=batch_size, encoder_lr=None if official else encoder_lr,
+            unet_lr=None if official else unet_lr, train_unet=train_unet != "none",
+            optimizer=None if official else optimizer, warmup_steps=None if official else warmup_steps,
+            control_scale=scale, prediction=prediction, proportion_empty_prompts=proportion_empty_prompts,
+            seed=seed).resolved()
         empty = encode_text(clip, EMPTY_PROMPT[family]) if proportion_empty_prompts > 0 else None
-        result = train(model, family, samples, images, positive, empty, settings, controlnext,
-                       gradient_checkpointing, _autocast_dtype(precision, model),
-                       getattr(cls.hidden, "unique_id", None))  # None when called outside a server
-        trainer, message = result
-        name = f"trained ControlNeXt ({family}, {trainer.steps_done} steps)"
+        if empty is not None:
+            check_conditioning(model, family, empty, "empty prompt's conditioning")
+        with torch.inference_mode(False):  # weights that can be trained (nodes run under inference mode)
+            encoder = new_encoder(settings.seed) if controlnext is None else trainable_copy(controlnext.encoder)
+        node_id = getattr(cls.hidden, "unique_id", None)  # None when called outside a server
+        run = train(model, family, samples, images, positive, empty, settings, encoder, gradient_checkpointing,
+                    _autocast_dtype(precision, model), alphas_cumprod, node_id)
+        name = f"trained ControlNeXt ({family}, {run.trainer.steps_done} steps)"
         names = diffusers_names(model)
-        file_weights = {names[key]: value for key, value in release_unet_weights(
-            trainer.trained_unet(), {k: v for k, v in _unet_state(model).items() if k in trainer.unet_parameters},
-            family).items()}
-        metadata = release_metadata(family, settings.control_scale, trainer.steps_done, _base_name(model))
-        trained = TrainedControlNeXt(name, trainer.finish(), file_weights, metadata)
+        file_weights = {names[key]: value for key, value in run.unet_file_weights.items()}
+        metadata = release_metadata(family, settings.control_scale, run.trainer.steps_done,
+                                    base_model_name(getattr(cls.hidden, "prompt", None), node_id, model))
+        trained = TrainedControlNeXt(name, run.trainer.finish(), file_weights, metadata)
         patched = (patch_unet_weights_from(model, file_weights, name, 1.0, OFFICIAL_MODE[family]) if file_weights
                    else model.clone())
-        ui = {"controlnext_info": [message]}
-        return io.NodeOutput(trained, patched, {"loss": list(trainer.losses)}, ui=ui)
+        message = " ".join(part for part in (
+            run.message, loss_summary(run.trainer.losses) + ".", f"{prediction} target; {recipe_text(settings)}.",
+            scale_note) if part)
+        log.info("ControlNeXt training: %s", message)
+        return io.NodeOutput(trained, patched, {"loss": list(run.trainer.losses)}, ui={"controlnext_info": [message]})
 
 
-def _unet_state(model) -> dict[str, torch.Tensor]:
-    return dict(model.model.diffusion_model.named_parameters())
+class TrainingRun:
+    """What ``train`` leaves: the trainer (weights, losses), the release's UNet file weights by the
+    UNet's own names, and how the run ended."""
+
+    def __init__(self, trainer: Trainer, unet_file_weights: dict[str, torch.Tensor], message: str):
+        self.trainer, self.unet_file_weights, self.message = trainer, unet_file_weights, message
 
 
-def _base_name(model) -> str:
-    return model_type_name(model.model)
+def cancelled(progress, done: int, total: int) -> bool:
+    """Moves the progress bar and says whether the user pressed Cancel. In a server ComfyUI's
+    progress hook raises on a Cancel: caught here (the flag is then cleared, as ComfyUI clears it),
+    so the run ends with what was trained and the nodes after it still run."""
+    try:
+        progress.update_absolute(done, total)
+        comfy.model_management.throw_exception_if_processing_interrupted()
+    except comfy.model_management.InterruptProcessingException:
+        return True
+    return False
 
 
 def train(model, family: str, samples: torch.Tensor, images: torch.Tensor, positive: list, empty: list | None,
-          settings: TrainingSettings, controlnext, use_checkpointing: bool, autocast_dtype, node_id) -> tuple[Trainer, str]:
+          settings: TrainingSettings, encoder, use_checkpointing: bool, autocast_dtype,
+          alphas_cumprod: torch.Tensor | None, node_id) -> TrainingRun:
     """The training loop: progress with the loss, Cancel and divergence stop it and keep the last good step."""
-    if controlnext is not None and controlnext.layout != TRAIN_LAYOUT:
-        raise ControlNeXtError(
-            f"'{controlnext.name}' has the layout of the SD1.5 releases, which the official training code does not "
-            f"train; continue a \"base\" layout file (SDXL releases, or one trained here), or start a new encoder.")
     device = comfy.model_management.get_torch_device()
     with torch.inference_mode(False):
-        comfy.model_management.load_models_gpu([model], force_full_load=True)
-        unet = model.model.diffusion_model
-        make_weights_trainable_through(unet)
-        encoder = new_encoder(settings.seed) if controlnext is None else _copy_encoder(controlnext.encoder)
-        unet_state = _unet_state(model)
-        names = trainable_unet_names(unet_state, family) if settings.train_unet else []
-        trainer = Trainer(encoder, {name: unet_state[name] for name in names}, settings, device)
-        denoiser = ComfyDenoiser(model, family)
-        latents = model.model.process_latent_in(samples.to(device, torch.float32))
-        height, width = samples.shape[-2] * LATENT_SCALE, samples.shape[-1] * LATENT_SCALE
-        if tuple(images.shape[-2:]) != (height, width):
-            log.info("ControlNeXt training: control images %sx%s resized to the pictures' %sx%s.",
-                     images.shape[-1], images.shape[-2], width, height)
-        controls = resize_control(images, height, width).to(device)
-        scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 and device.type == "cuda" else None
-        progress = comfy.utils.ProgressBar(settings.steps, node_id=node_id)
-        message = f"Trained {settings.steps} steps."
-        with frozen(unet), trained_weights_in(unet, trainer.unet_parameters), \
-                gradient_checkpointing(unet, use_checkpointing):
+        names = (trainable_unet_names([name for name, _ in model.model.diffusion_model.named_parameters()], family)
+                 if settings.train_unet else [])
+        denoiser = ComfyDenoiser(model, family, names)
+        with denoiser.loaded(use_checkpointing):
+            base_weights = denoiser.unet_weights(names)
+            trainer = Trainer(encoder, base_weights, settings, device, alphas_cumprod)
+            denoiser.train_through(trainer.unet_parameters)
+            latents = model.model.process_latent_in(samples.to(device, torch.float32))
+            height, width = samples.shape[-2] * LATENT_SCALE, samples.shape[-1] * LATENT_SCALE
+            if tuple(images.shape[-2:]) != (height, width):
+                log.info("ControlNeXt training: control images %sx%s resized to the pictures' %sx%s.",
+                         images.shape[-1], images.shape[-2], width, height)
+            controls = resize_control(images, height, width).to(device)
+            scaler = (torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 and device.type == "cuda"
+                      else None)
+            progress = comfy.utils.ProgressBar(settings.steps, node_id=node_id)
+            message = f"Trained {settings.steps} steps."
+            log_every = max(1, settings.steps // LOG_LINES)
             for step in range(settings.steps):
-                if comfy.model_management.processing_interrupted():
-                    comfy.model_management.interrupt_current_processing(False)
+                if cancelled(progress, step, settings.steps):
                     message = f"Cancelled after {trainer.steps_done} of {settings.steps} steps; kept what was trained."
                     log.warning("ControlNeXt training: %s", message)
                     break
@@ -352,7 +462,7 @@ def train(model, family: str, samples: torch.Tensor, images: torch.Tensor, posit
                 empties = trainer.empty_prompt_mask(len(indices))
                 entries = [empty[0] if is_empty else positive[i if len(positive) > 1 else 0]
                            for i, is_empty in zip(indices, empties)]
-                conditioning = _batch_conditioning(model, family, entries, samples.shape)
+                conditioning = batch_conditioning(model, family, entries, samples.shape)
                 batch = TrainingBatch(latents[indices], controls[indices], conditioning)
                 try:
                     loss = trainer.step(denoiser, batch, autocast_dtype, scaler)
@@ -362,17 +472,14 @@ def train(model, family: str, samples: torch.Tensor, images: torch.Tensor, posit
                     message = str(error)
                     log.warning("ControlNeXt training: %s", message)
                     break
-                progress.update_absolute(step + 1, settings.steps)
-                _progress_text(f"step {step + 1}/{settings.steps}  loss {loss:.4f}", node_id)
-    return trainer, message
-
-
-def _copy_encoder(encoder):
-    """A trainable copy: the CONTROLNEXT given to continue stays as it was."""
-    copy = type(encoder)(encoder.config)
-    copy.load_state_dict(encoder.state_dict())
-    copy.control_scale = encoder.control_scale
-    return copy
+                text = f"step {step + 1}/{settings.steps}  loss {loss:.4f}"
+                _progress_text(text, node_id)
+                if (step + 1) % log_every == 0 or step + 1 == settings.steps:
+                    log.info("ControlNeXt training: %s", text)
+            else:
+                cancelled(progress, settings.steps, settings.steps)  # the full bar; a Cancel now has nothing to stop
+            file_weights = release_unet_weights(trainer.trained_unet(), base_weights, family)
+    return TrainingRun(trainer, file_weights, message)
 
 
 def _progress_text(text: str, node_id) -> None:
@@ -382,6 +489,14 @@ def _progress_text(text: str, node_id) -> None:
         return
     if node_id is not None and PromptServer.instance is not None:
         PromptServer.instance.send_progress_text(text, node_id)
+
+
+def release_folder(name: str) -> str:
+    """models/controlnext/<name>, refusing names that reach outside it."""
+    clean = name.strip().strip("/\\")
+    if not clean or os.path.isabs(clean) or ".." in clean.replace("\\", "/").split("/"):
+        raise ControlNeXtError(f"'{name}' is not a folder name: use letters, digits and - _ (sub/folders allowed).")
+    return os.path.join(folder_paths.get_folder_paths(FOLDER)[0], clean)
 
 
 class SaveControlNeXt(io.ComfyNode):
@@ -400,52 +515,78 @@ class SaveControlNeXt(io.ComfyNode):
                 io.String.Input("name", default="my_controlnext",
                                 tooltip="Folder name under models/controlnext."),
                 io.Boolean.Input("overwrite", default=False,
-                                 tooltip="Replace files of the same name; off: an existing name is an error."),
+                                 tooltip="Replace files of the same name; off: an existing name is refused when the "
+                                         "prompt is queued, before anything is trained."),
             ],
-            outputs=[io.String.Output(display_name="folder")],
+            outputs=[io.String.Output(display_name="folder", tooltip="The folder the files were written to.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, name: str, overwrite: bool) -> bool | str:
+        """Checked when the prompt is queued, so a taken name does not cost a whole training run."""
+        try:
+            folder = release_folder(name)
+        except ControlNeXtError as error:
+            return str(error)
+        if not overwrite:
+            taken = [file for file in os.listdir(folder) if file.endswith(".safetensors")] if os.path.isdir(folder) else []
+            if taken:
+                return (f"models/controlnext/{name.strip()} already holds {', '.join(sorted(taken))}: choose another "
+                        f"name, or set overwrite.")
+        return True
 
     @classmethod
     def execute(cls, controlnext, name: str, overwrite: bool) -> io.NodeOutput:
         if not isinstance(controlnext, TrainedControlNeXt):
             raise ControlNeXtError(f"'{controlnext.name}' was loaded from a file, which is already saved; Save "
                                    f"ControlNeXt writes the output of Train ControlNeXt.")
-        clean = name.strip().strip("/\\")
-        if not clean or os.path.isabs(clean) or ".." in clean.replace("\\", "/").split("/"):
-            raise ControlNeXtError(f"'{name}' is not a folder name: use letters, digits and - _ (sub/folders allowed).")
-        folder = os.path.join(folder_paths.get_folder_paths(FOLDER)[0], clean)
+        folder = release_folder(name)
         paths = save_release(folder, controlnext.encoder, controlnext.unet_file_weights, controlnext.metadata,
                              overwrite)
         return io.NodeOutput(folder, ui={"controlnext_info": [f"Saved {', '.join(paths)}"]})
 
 
-def _picture_files(folder: str) -> list[str]:
+def training_folders() -> list[str]:
+    """The input folder's subfolders: a graph reads pictures from inside ComfyUI's input folder only."""
+    return sorted(folder_paths.get_input_subfolders())
+
+
+def _picture_files(folder: str, label: str) -> list[str]:
     names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_SUFFIXES))
     if not names:
-        raise ControlNeXtError(f"'{folder}' holds no pictures ({', '.join(IMAGE_SUFFIXES)}).")
+        raise ControlNeXtError(f"The input folder '{label}' holds no pictures ({', '.join(IMAGE_SUFFIXES)}).")
     return [os.path.join(folder, n) for n in names]
 
 
-def _resolve_folder(folder: str) -> str:
-    path = folder if os.path.isabs(folder) else os.path.join(folder_paths.get_input_directory(), folder)
+def _input_subfolder(folder: str) -> str:
+    """The path of a subfolder of ComfyUI's input folder, refusing anything outside it."""
+    root = os.path.realpath(folder_paths.get_input_directory())
+    path = os.path.realpath(os.path.join(root, folder))
+    if os.path.isabs(folder) or os.path.commonpath([root, path]) != root or path == root:
+        raise ControlNeXtError(f"'{folder}' is not a folder inside ComfyUI's input folder: put the pictures in a "
+                               f"subfolder of {root} and pick it from the list.")
     if not os.path.isdir(path):
-        raise ControlNeXtError(f"'{folder}' is not a folder: give a folder inside ComfyUI's input folder, or an "
-                               f"absolute path.")
+        raise ControlNeXtError(f"The input folder has no subfolder '{folder}': put the pictures in "
+                               f"{os.path.join(root, folder)} (refresh the list after adding one).")
     return path
 
 
 def load_picture(path: str, resolution: int) -> torch.Tensor:
     """Resize the shorter side to ``resolution`` and centre-crop a square, as the official training data."""
-    from PIL import Image, ImageOps
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
-    with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image).convert("RGB")
-        scale = resolution / min(image.size)
-        size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
-        image = image.resize(size, Image.BILINEAR)
-        left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
-        image = image.crop((left, top, left + resolution, top + resolution))
-        return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
+    try:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image).convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise ControlNeXtError(f"'{path}' is not a readable picture ({type(error).__name__}: {error}); replace or "
+                               f"remove it.") from None
+    scale = resolution / min(image.size)
+    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+    image = image.resize(size, Image.BILINEAR)
+    left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
 
 
 class LoadTrainingPictures(io.ComfyNode):
@@ -458,24 +599,25 @@ class LoadTrainingPictures(io.ComfyNode):
             description="A folder of pictures as a square IMAGE batch (shorter side scaled, centre crop, as the official "
                         "training data), with each picture's caption from the .txt file of the same name.",
             inputs=[
-                io.String.Input("folder", default="training",
-                                tooltip="A folder inside ComfyUI's input folder, or an absolute path."),
+                io.Combo.Input("folder", options=training_folders(),
+                               tooltip="A subfolder of ComfyUI's input folder holding the pictures (and their "
+                                       ".txt captions)."),
                 io.Clip.Input("clip", tooltip="Encodes the captions."),
                 io.Int.Input("resolution", default=512, min=64, max=4096, step=64,
                              tooltip="Training size (SD1.5: 512, SDXL: 1024)."),
                 io.String.Input("default_caption", default="", multiline=True,
                                 tooltip="The caption of pictures without a .txt file."),
             ],
-            outputs=[io.Image.Output(display_name="images"),
+            outputs=[io.Image.Output(display_name="images", tooltip="The pictures, square, in file-name order."),
                      io.Conditioning.Output(display_name="positive", tooltip="One conditioning per picture."),
-                     io.Int.Output(display_name="count")],
+                     io.Int.Output(display_name="count", tooltip="How many pictures the folder held.")],
         )
 
     @classmethod
     def execute(cls, folder: str, clip, resolution: int, default_caption: str) -> io.NodeOutput:
         if resolution % LATENT_SCALE:
             raise ControlNeXtError(f"resolution {resolution} is not a multiple of 8.")
-        paths = _picture_files(_resolve_folder(folder))
+        paths = _picture_files(_input_subfolder(folder), folder)
         images = torch.stack([load_picture(path, resolution) for path in paths])
         conditioning = []
         for path in paths:

@@ -88,29 +88,12 @@ def test_loss_falls_over_a_run():
     """Against an untrained run on the same draws (noise, timesteps, batches: one seed), the loss of a
     shallow SDXL UNet learning the squares falls step after step."""
     def losses(lr):
-        return np.array(run_train("sdxl", steps=12, encoder_lr=lr, unet_lr=lr, gradient_checkpointing=False,
-                                  seed=1).result[2]["loss"])
+        return np.array(run_train("sdxl", steps=12, encoder_lr=lr, unet_lr=lr, optimizer="adafactor",
+                                  gradient_checkpointing=False, seed=1).result[2]["loss"])
 
     ratio = losses(2e-3) / losses(0.0)
     assert ratio[0] == 1.0  # the first step's loss comes before any update
     assert ratio[-4:].mean() < 0.98 and ratio[-4:].mean() < ratio[1:5].mean(), ratio
-
-
-def test_cancel_stops_cleanly_and_keeps_what_was_trained(monkeypatch):
-    calls = []
-
-    def interrupted_after_two():
-        calls.append(1)
-        return len(calls) > 2
-
-    monkeypatch.setattr(comfy.model_management, "processing_interrupted", interrupted_after_two)
-    cleared = []
-    monkeypatch.setattr(comfy.model_management, "interrupt_current_processing", lambda value=True: cleared.append(value))
-    result = run_train("sd15", steps=10)
-    file, _, loss = result.result
-    assert len(loss["loss"]) == 2 and cleared == [False]
-    assert "Cancelled after 2 of 10 steps" in result.ui["controlnext_info"][0]
-    assert file.metadata["steps"] == "2"
 
 
 def test_divergence_stops_and_keeps_the_last_good_step():
@@ -155,31 +138,186 @@ def test_control_images_of_another_size_are_resized():
     assert len(run_train("sd15", steps=1, control_images=small).result[2]["loss"]) == 1
 
 
-def test_load_training_pictures_reads_captions_and_crops(tmp_path, monkeypatch):
-    folder = tmp_path / "pictures"
+class FakeClip:
+    """Records the captions it is given (a CLIP's text model is not what these tests check)."""
+
+    def __init__(self):
+        self.texts = []
+
+    def tokenize(self, text):
+        self.texts.append(text)
+        return text
+
+    def encode_from_tokens(self, tokens, return_pooled=False):
+        return torch.full((1, 77, 8), float(len(tokens))), torch.zeros(1, 8)
+
+
+@pytest.fixture
+def input_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "input"
+    folder.mkdir()
+    monkeypatch.setattr(host.folder_paths, "input_directory", str(folder))
+    return folder
+
+
+def test_load_training_pictures_reads_captions_and_crops(input_folder):
+    folder = input_folder / "pictures"
     folder.mkdir()
     Image.fromarray(np.full((40, 80, 3), 200, np.uint8)).save(folder / "a.png")
     Image.fromarray(np.full((64, 64, 3), 10, np.uint8)).save(folder / "b.jpg")
     (folder / "a.txt").write_text("a red square\n", encoding="utf-8")
     (folder / "notes.md").write_text("not a picture")
-
-    class FakeClip:
-        texts = []
-
-        def tokenize(self, text):
-            self.texts.append(text)
-            return text
-
-        def encode_from_tokens(self, tokens, return_pooled=False):
-            return torch.full((1, 77, 8), float(len(tokens))), torch.zeros(1, 8)
-
+    (input_folder / "empty").mkdir()
     clip = FakeClip()
-    images, positive, count = train_nodes.LoadTrainingPictures.execute(str(folder), clip, 64, "default").result
+    assert {"pictures", "empty"} <= set(train_nodes.training_folders())
+    images, positive, count = train_nodes.LoadTrainingPictures.execute("pictures", clip, 64, "default").result
     assert images.shape == (2, 64, 64, 3) and count == 2 and len(positive) == 2
     assert clip.texts == ["a red square", "default"]
     assert abs(float(images[0].mean()) - 200 / 255) < 1e-3
     with pytest.raises(host.core.ControlNeXtError, match="holds no pictures"):
-        train_nodes.LoadTrainingPictures.execute(str(tmp_path), clip, 64, "")
+        train_nodes.LoadTrainingPictures.execute("empty", clip, 64, "")
+
+
+@pytest.mark.parametrize("folder", ["/etc", "..", "pictures/../..", "missing"])
+def test_load_training_pictures_stays_inside_the_input_folder(input_folder, folder):
+    (input_folder / "pictures").mkdir()
+    with pytest.raises(host.core.ControlNeXtError, match="inside ComfyUI's input folder|has no subfolder"):
+        train_nodes.LoadTrainingPictures.execute(folder, FakeClip(), 64, "")
+
+
+def test_a_file_that_is_not_a_picture_is_named(input_folder):
+    folder = input_folder / "pictures"
+    folder.mkdir()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(folder / "good.png")
+    (folder / "junk.jpg").write_bytes(b"this is not a JPEG")
+    with pytest.raises(host.core.ControlNeXtError, match=r"junk\.jpg' is not a readable picture"):
+        train_nodes.LoadTrainingPictures.execute("pictures", FakeClip(), 64, "")
+
+
+@pytest.mark.parametrize("family,positive,message", [
+    ("sdxl", conditioning("sd15", 1), "needs the pooled text embedding"),
+    ("sd15", [[torch.zeros(1, 77, 32), {}]], "is 32 wide but this SD15 model takes 64"),
+])
+def test_captions_from_another_model_are_refused_before_training(family, positive, message):
+    with pytest.raises(host.core.ControlNeXtError, match=message):
+        run_train(family, steps=1, positive=positive)
+
+
+def with_sampling(model, sampling: str, zsnr: bool = False):
+    """The MODEL as ComfyUI's ModelSamplingDiscrete node patches it."""
+    nodes_model_advanced = host.importlib.import_module("comfy_extras.nodes_model_advanced")
+    return nodes_model_advanced.ModelSamplingDiscrete().patch(model, sampling, zsnr)[0]
+
+
+def first_losses(model, family="sd15", steps=2, **overrides):
+    return run_train(family, steps=steps, model=model, gradient_checkpointing=False, precision="fp32",
+                     **overrides).result[2]["loss"]
+
+
+def test_v_prediction_models_train_on_the_velocity_with_their_own_schedule():
+    """The node's loss equals the core trainer's with prediction v_prediction on the same draws, and a
+    zero-terminal-SNR schedule (ModelSamplingDiscrete zsnr) is the one trained on."""
+    model = tiny_model("sd15")
+    train = host.importlib.import_module(f"{host.PACK_NAME}.controlnext_core.train")
+    v_model, zsnr_model = with_sampling(model, "v_prediction"), with_sampling(model, "v_prediction", zsnr=True)
+    assert train_nodes.training_objective(model)[0] == "epsilon"
+    prediction, schedule = train_nodes.training_objective(v_model)
+    assert prediction == "v_prediction" and torch.equal(schedule, train.ddpm_alphas_cumprod())
+    zsnr_schedule = train_nodes.training_objective(zsnr_model)[1]
+    assert zsnr_schedule[-1] < 1e-6 < float(train.ddpm_alphas_cumprod()[-1])
+
+    def core_losses(prediction, schedule):
+        latents, images = squares()
+        settings = train.TrainingSettings(family="sd15", steps=2, batch_size=2, encoder_lr=1e-4, unet_lr=1e-5,
+                                          optimizer="adamw", warmup_steps=0, control_scale=0.5,
+                                          prediction=prediction, seed=3)
+        with torch.inference_mode(False):
+            names = train.trainable_unet_names([n for n, _ in model.model.diffusion_model.named_parameters()], "sd15")
+            denoiser = train_nodes.ComfyDenoiser(model, "sd15", names)
+            with denoiser.loaded(False):
+                trainer = train.Trainer(train.new_encoder(3), denoiser.unet_weights(names), settings, "cpu", schedule)
+                denoiser.train_through(trainer.unet_parameters)
+                controls = host.core.resize_control(host.patch_module.control_image_from_comfy(images), 64, 64)
+                samples = model.model.process_latent_in(latents["samples"])
+                context = train_nodes.batch_conditioning(model, "sd15", conditioning("sd15", 1) * 2, samples.shape)
+                for _ in range(2):
+                    indices = trainer.batch_indices(4)
+                    trainer.step(denoiser, train.TrainingBatch(samples[indices], controls[indices], context))
+        return trainer.losses
+
+    node_v = first_losses(v_model, optimizer="adamw")
+    assert node_v == pytest.approx(core_losses("v_prediction", train.ddpm_alphas_cumprod()), rel=1e-6)
+    assert node_v[0] != pytest.approx(first_losses(model, optimizer="adamw")[0], rel=1e-3)
+    node_zsnr = first_losses(zsnr_model, optimizer="adamw")
+    assert node_zsnr == pytest.approx(core_losses("v_prediction", zsnr_schedule), rel=1e-6)
+
+
+def test_other_sampling_types_are_refused():
+    with pytest.raises(host.core.ControlNeXtError, match="predict the noise"):
+        run_train("sd15", steps=1, model=with_sampling(tiny_model("sd15"), "x0"))
+
+
+def test_continuing_keeps_the_files_control_scale_unless_one_is_set(tmp_path):
+    first = run_train("sd15", steps=1, control_scale=0.35).result[0]
+    assert first.encoder.control_scale == 0.35
+    kept = run_train("sd15", steps=1, control_scale=0.0, controlnext=first)
+    assert kept.result[0].encoder.control_scale == 0.35 and kept.result[0].metadata["control_scale"] == "0.35"
+    assert "Continued at the file's control scale 0.35" in kept.ui["controlnext_info"][0]
+    changed = run_train("sd15", steps=1, control_scale=1.0, controlnext=first)
+    assert changed.result[0].encoder.control_scale == 1.0
+    assert "changed from the file's 0.35 to 1, as set" in changed.ui["controlnext_info"][0]
+    assert run_train("sd15", steps=1, control_scale=0.0).result[0].encoder.control_scale == 1.0  # a new encoder
+
+
+def test_official_means_the_whole_official_recipe():
+    """optimizer = official takes the family's learning rates and warm-up, whatever the node's inputs
+    say; adamw takes the inputs."""
+    def weights(**overrides):
+        result = run_train("sd15", steps=2, train_unet="none", **overrides)
+        return result.result[0].encoder.state_dict()["mid_convs.1.weight"], result.ui["controlnext_info"][0]
+
+    official_a, text = weights(optimizer="official", encoder_lr=1e-2, warmup_steps=50)
+    official_b, _ = weights(optimizer="official", encoder_lr=1e-6, warmup_steps=0)
+    assert torch.equal(official_a, official_b)
+    assert "adamw, lr encoder 5e-05 / UNet 5e-06, 0 warm-up steps" in text
+    chosen, text = weights(optimizer="adamw", encoder_lr=5e-5, unet_lr=5e-6, warmup_steps=0)
+    assert torch.equal(chosen, official_a) and "adamw, lr encoder 5e-05" in text
+    assert not torch.equal(weights(optimizer="adamw", encoder_lr=1e-2)[0], official_a)
+
+
+def test_training_changes_nothing_of_the_model_given():
+    """Training works on a clone: the MODEL's UNet keeps the very same weight tensors, no weight
+    function is left on its layers and its patches and options are as they were."""
+    model = tiny_model.__wrapped__("sdxl", seed=4)
+    unet = model.model.diffusion_model
+    tensors = {name: param for name, param in unet.named_parameters()}
+    values = {name: param.detach().clone() for name, param in tensors.items()}
+    options, patches = repr(model.model_options), dict(model.patches)
+    run_train("sdxl", steps=2, model=model)
+    comfy.model_management.load_models_gpu([model])  # the MODEL used again: the training clone is unloaded
+    assert all(param is tensors[name] for name, param in unet.named_parameters())
+    assert all(torch.equal(param, values[name]) for name, param in unet.named_parameters())
+    assert not [name for name, layer in unet.named_modules() if getattr(layer, "weight_function", None)]
+    assert repr(model.model_options) == options and dict(model.patches) == patches
+
+
+def test_saved_files_are_readable_by_all_like_comfyuis_outputs(trained, models_folder):
+    family, _, _, result = trained
+    previous = os.umask(0o022)
+    try:
+        folder = Save.execute(result.result[0], "shared/run", False).result[0]
+    finally:
+        os.umask(previous)
+    assert {oct(os.stat(os.path.join(folder, name)).st_mode & 0o777) for name in os.listdir(folder)} == {"0o644"}
+
+
+def test_a_taken_save_name_is_refused_when_queued(models_folder):
+    (models_folder / "taken").mkdir()
+    assert Save.validate_inputs("taken", False) is True  # an empty folder is free
+    (models_folder / "taken" / "controlnet.safetensors").write_bytes(b"")
+    assert "already holds controlnet.safetensors" in Save.validate_inputs("taken", False)
+    assert Save.validate_inputs("taken", True) is True
+    assert "not a folder name" in Save.validate_inputs("../outside", True)
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])

@@ -59,6 +59,8 @@ LAYOUT_DESCRIPTIONS = {
 
 # safetensors metadata key naming the model family a file was trained for ("sd15", "sdxl", "svd").
 METADATA_FAMILY = "family"
+# Tensors every official encoder layout has (``detect_layout`` tells the layouts apart by their shapes).
+ENCODER_KEYS = ("time_embedding.linear_1.weight", "mid_convs.1.weight")
 
 
 def rule_for(family: str, layout: str) -> InjectionRule:
@@ -76,6 +78,13 @@ def rule_for(family: str, layout: str) -> InjectionRule:
             f"Use a ControlNeXt release made for {FAMILY_NAMES[family]}, or a {' or '.join(served)} model."
         )
     return rule
+
+
+def trained_family(layout: str, metadata: Mapping[str, str]) -> str | None:
+    """The family a file says it was trained for (``METADATA_FAMILY``: Save ControlNeXt writes it, the
+    releases carry none), when that family can take its layout; else None."""
+    family = metadata.get(METADATA_FAMILY)
+    return family if (family, layout) in RULES else None
 
 
 def mixed_up_pairing(family: str, layout: str, metadata: Mapping[str, str]) -> str | None:
@@ -154,8 +163,9 @@ def detect_layout(state_dict: Mapping[str, torch.Tensor]) -> str:
         value = state_dict.get(key)
         return tuple(value.shape) if isinstance(value, torch.Tensor) else None
 
-    out = shape("mid_convs.1.weight")
-    if out is None or shape("time_embedding.linear_1.weight") is None:
+    time_embedding, final_conv = ENCODER_KEYS
+    out = shape(final_conv)
+    if out is None or shape(time_embedding) is None:
         raise ControlNeXtError(
             f"This file is {(_describe_foreign(keys) + ', ') if _describe_foreign(keys) else ''}not a ControlNeXt "
             f"condition encoder "

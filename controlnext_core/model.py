@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import logging
 import math
 import os
 import pickle
 import re
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import torch
 from torch.nn import functional as F
@@ -23,6 +25,15 @@ log = logging.getLogger("ControlNeXt")
 V1_UNCOND_SCALE = 0.5 * 1.3  # sigmoid(0) * 1.3
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library refuses longer headers
+# What a weights file holds (``weights_kind``): the loaders list the files of their kind.
+ENCODER, UNET, OTHER = "encoder", "unet", "other"
+# The top-level names UNet weights have in the files ``nodes/unet_keys.py`` maps: diffusers, then ComfyUI/LDM
+# (also under a full checkpoint's FULL_CHECKPOINT_UNET).
+UNET_ROOTS = ("conv_in.", "conv_out.", "conv_norm_out.", "time_embedding.", "add_embedding.", "down_blocks.",
+              "mid_block.", "up_blocks.", "input_blocks.", "middle_block.", "output_blocks.", "time_embed.",
+              "label_emb.", "out.")
+FULL_CHECKPOINT_UNET = "model.diffusion_model."
 
 
 def _looks_like_safetensors(path: str, size: int) -> bool:
@@ -114,6 +125,64 @@ def read_file_metadata(path: str) -> dict[str, str]:
             return dict(file.metadata() or {})
     except Exception:  # safetensors raises its own error types for damaged headers
         return {}
+
+
+def weights_kind(names: Iterable[str]) -> str:
+    """What tensors of these names are: a ControlNeXt encoder (ENCODER), a release's UNet weights
+    (UNET: every name a UNet's), or anything else (OTHER: ControlNets, LoRAs, checkpoints...)."""
+    names = set(names)
+    if names.issuperset(families.ENCODER_KEYS):
+        return ENCODER
+    if names and all(name.removeprefix(FULL_CHECKPOINT_UNET).startswith(UNET_ROOTS) for name in names):
+        return UNET
+    return OTHER
+
+
+def weights_file_kind(path: str) -> str | None:
+    """``weights_kind`` of a file, read without its tensors; None when that cannot be told cheaply
+    (old-style or refused pickles, empty or damaged files: loading them says what is wrong).
+
+    Cached by path, size and modification time, so listing a models folder again reads nothing.
+    """
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return _weights_file_kind(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _weights_file_kind(path: str, size: int, modified_ns: int) -> str | None:
+    if not path.lower().endswith(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES):
+        return OTHER  # load_state_dict_file refuses the file
+    names = _weight_names(path, size)
+    return None if names is None else weights_kind(names)
+
+
+def _weight_names(path: str, size: int) -> list[str] | None:
+    """The tensor names of a safetensors header, or of a torch zip file's pickle (its storages mapped,
+    never read; ``weights_only`` as when loading, so nothing in it runs). As ``load_state_dict_file``
+    reads it: a safetensors file by its content, whatever its name. None for anything else."""
+    if size == 0:
+        return None
+    if path.lower().endswith(SAFETENSORS_SUFFIXES) or _looks_like_safetensors(path, size):
+        with open(path, "rb") as file:
+            header_length = int.from_bytes(file.read(8), "little")
+            if header_length > SAFETENSORS_MAX_HEADER or 8 + header_length > size:
+                return None
+            try:
+                header = json.loads(file.read(header_length))
+            except ValueError:
+                return None
+        return [name for name in header if name != "__metadata__"] if isinstance(header, dict) else None
+    with open(path, "rb") as file:
+        if not file.read(4).startswith(b"PK\x03\x04"):
+            return None  # an old-style pickle is read whole to list its names
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # refused, damaged or foreign: the loader says which
+        return None
+    return [str(name) for name in state_dict] if isinstance(state_dict, Mapping) else None
 
 
 def _first_bytes(path: str) -> bytes:

@@ -1,13 +1,15 @@
 """Load ControlNeXt encoders and the partial UNet weights some releases ship."""
 from __future__ import annotations
 
+import logging
 import os
 
 import folder_paths
 from comfy_api.latest import io
 
 from ..controlnext_core import ControlNeXtError, load_encoder_file, load_state_dict_file
-from ..controlnext_core.families import DEFAULT_FAMILY, FAMILY_NAMES, LAYOUT_DESCRIPTIONS
+from ..controlnext_core.families import DEFAULT_FAMILY, FAMILY_NAMES, LAYOUT_DESCRIPTIONS, trained_family
+from ..controlnext_core.model import ENCODER, UNET, weights_file_kind
 from ..controlnext_core.unet_weights import MODES, OFFICIAL_MODE, unet_weight_patches
 from .advanced_controlnet import control_net_for
 from .patch import ControlNeXtFile, model_family, model_type_name
@@ -17,31 +19,59 @@ CATEGORY = "ControlNeXt"
 FOLDER = "controlnext"
 SEARCHED_FOLDERS = (FOLDER, "controlnet")  # our folder first, then the usual ControlNet folder
 ControlNeXtType = io.Custom("CONTROLNEXT")
+log = logging.getLogger("ControlNeXt")
 
 
-def register_model_folder() -> None:
-    """models/controlnext, plus any ``controlnext:`` paths from extra_model_paths.yaml."""
-    folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER))
+def register_model_folder(name: str) -> None:
+    """models/<name> (respecting --base-directory) as a ComfyUI model folder, with any ``<name>:`` paths
+    from extra_model_paths.yaml; created when missing so that files can be copied in. A models folder
+    that cannot be written is logged, never fatal to the pack."""
+    path = os.path.join(folder_paths.models_dir, name)
+    folder_paths.add_model_folder_path(name, path)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        log.warning("ControlNeXt: could not create the model folder %s (%s); create it to install models there.",
+                    path, error)
 
 
-register_model_folder()
+register_model_folder(FOLDER)
 
 
 def model_files() -> list[str]:
+    """Every file in models/controlnext and models/controlnet."""
     names: list[str] = []
     for folder in SEARCHED_FOLDERS:
         names += [n for n in folder_paths.get_filename_list(folder) if n not in names]
     return names
 
 
-def resolve(name: str) -> str:
+def files_holding(kind: str) -> list[str]:
+    """The files a loader of ``kind`` (ENCODER or UNET) can take: a file read as another kind is left out,
+    one that cannot be read cheaply stays (loading it says what is wrong)."""
+    return [name for name in model_files() if _kind_of(name) in (kind, None)]
+
+
+def _kind_of(name: str) -> str | None:
+    path = full_path(name)
+    return None if path is None else weights_file_kind(path)
+
+
+def full_path(name: str) -> str | None:
     for folder in SEARCHED_FOLDERS:
         path = folder_paths.get_full_path(folder, name)
         if path is not None:
             return path
-    raise ControlNeXtError(
-        f"'{name}' is not in the models/{FOLDER} or models/controlnet folders (or their extra_model_paths.yaml "
-        f"entries). Put the file there and refresh the page.")
+    return None
+
+
+def resolve(name: str) -> str:
+    path = full_path(name)
+    if path is None:
+        raise ControlNeXtError(
+            f"'{name}' is not in the models/{FOLDER} or models/controlnet folders (or their extra_model_paths.yaml "
+            f"entries). Put the file there and refresh the page.")
+    return path
 
 
 class LoadControlNeXt(io.ComfyNode):
@@ -54,7 +84,7 @@ class LoadControlNeXt(io.ComfyNode):
             description="Loads a ControlNeXt condition encoder (the 'controlnet' file of a release). Its model "
                         "family is decided by the model you apply it to.",
             inputs=[
-                io.Combo.Input("controlnext_name", options=model_files(),
+                io.Combo.Input("controlnext_name", options=files_holding(ENCODER),
                                tooltip="The encoder file, from models/controlnext or models/controlnet "
                                        "(e.g. controlnet.safetensors of a ControlNeXt release)."),
             ],
@@ -75,8 +105,10 @@ class LoadControlNeXt(io.ComfyNode):
         encoder, metadata = load_encoder_file(path)
         file = ControlNeXtFile(controlnext_name, encoder, metadata)
         params = sum(p.numel() for p in encoder.parameters())
-        summary = (f"Encoder for {FAMILY_NAMES[DEFAULT_FAMILY[file.layout]]} models (the published releases of its "
-                   f"kind), {params / 1e6:.2f} M parameters")
+        family = trained_family(file.layout, metadata)
+        served = (f"{FAMILY_NAMES[family]} models (trained for them, its metadata says)" if family else
+                  f"{FAMILY_NAMES[DEFAULT_FAMILY[file.layout]]} models (the published releases of its kind)")
+        summary = f"Encoder for {served}, {params / 1e6:.2f} M parameters"
         return io.NodeOutput(file, control_net_for(file),
                              ui={"controlnext_info": [summary], "controlnext_detail": [LAYOUT_DESCRIPTIONS[file.layout]]})
 
@@ -124,7 +156,7 @@ class LoadControlNeXtUNetWeights(io.ComfyNode):
                         "patches on a copy of the model.",
             inputs=[
                 io.Model.Input("model", tooltip="The model the release was trained on (SD1.5, SDXL or a fine-tune, SVD-XT 1.1)."),
-                io.Combo.Input("unet_name", options=model_files(),
+                io.Combo.Input("unet_name", options=files_holding(UNET),
                                tooltip="The release's UNet file, from models/controlnext or models/controlnet."),
                 io.Float.Input("strength", default=1.0, min=0.0, max=2.0, step=0.01,
                                tooltip="1.0 applies the file as released; 0 leaves the model unchanged."),

@@ -25,7 +25,7 @@ from ..controlnext_core.preprocess.dwpose import (DWPoseDetector, ModelRunner, T
 from ..controlnext_core.preprocess.images import check_image_batch
 from ..controlnext_core.preprocess.mask import check_mask_batch, mask_control, mask_from_image, resize_masks
 from ..controlnext_core.preprocess.pose import draw_poses, frames_from_openpose, to_openpose
-from .loaders import CATEGORY
+from .loaders import CATEGORY, register_model_folder
 
 PREPROCESSOR_CATEGORY = f"{CATEGORY}/preprocessors"
 PoseKeypointType = io.Custom("POSE_KEYPOINT")
@@ -40,12 +40,8 @@ DEPTH_FOLDER = "depth_estimation"
 DEFAULT_DEPTH_MODEL = "Depth-Anything-V2-Small-hf"
 
 
-def register_model_folders() -> None:
-    for name in (DWPOSE_FOLDER, DEPTH_FOLDER):
-        folder_paths.add_model_folder_path(name, os.path.join(folder_paths.models_dir, name))
-
-
-register_model_folders()
+register_model_folder(DWPOSE_FOLDER)
+register_model_folder(DEPTH_FOLDER)
 
 
 def _search_paths(folder: str, extra: tuple[str, ...] = ()) -> list[str]:

@@ -76,7 +76,9 @@ class StrengthPerStepNode(io.ComfyNode):
                 ScheduleType.Input("previous", optional=True,
                                    tooltip="Optional: keyframes to combine with (they multiply)."),
             ],
-            outputs=[ScheduleType.Output(display_name="SCHEDULE")],
+            outputs=[ScheduleType.Output(display_name="SCHEDULE",
+                                         tooltip="For Apply ControlNeXt, Apply ControlNeXt SVD or ControlNeXt "
+                                                 "ControlNet Options (or a keyframe's previous input).")],
         )
 
     @classmethod

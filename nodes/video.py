@@ -8,11 +8,12 @@ import comfy.samplers
 from comfy_api.latest import io
 
 from ..controlnext_core import ControlNeXtError, load_encoder_file
+from ..controlnext_core.model import ENCODER, UNET
 from ..controlnext_core.preprocess.align import align_poses
 from ..controlnext_core.preprocess.pose import frames_from_openpose, to_openpose
 from ..controlnext_core.video import control_frames, fusion_weights, linear_guidance, plan_windows
 from .apply import check_percent_range
-from .loaders import CATEGORY, ControlNeXtType, model_files, patch_unet_weights, resolve
+from .loaders import CATEGORY, ControlNeXtType, files_holding, patch_unet_weights, resolve
 from .preprocessors import PoseKeypointType
 from .patch import (FRAME_POLICIES, VIDEO_FRAMES, WINDOW_CONTROL_FRAMES, ControlNeXtFile, ControlOptions, attach,
                     control_image_from_comfy, make_patch, model_family, model_type_name)
@@ -40,9 +41,9 @@ class LoadControlNeXtSVD(io.ComfyNode):
                         "fine-tuned UNet (applied as patches on a copy of the model).",
             inputs=[
                 io.Model.Input("model", tooltip="The SVD model (SVD-XT 1.1 for ControlNeXt-SVD-v2)."),
-                io.Combo.Input("controlnext_name", options=model_files(),
+                io.Combo.Input("controlnext_name", options=files_holding(ENCODER),
                                tooltip="The encoder: controlnet.bin of the release, or a safetensors copy."),
-                io.Combo.Input("unet_name", options=[NO_UNET] + model_files(), default=NO_UNET,
+                io.Combo.Input("unet_name", options=[NO_UNET] + files_holding(UNET), default=NO_UNET,
                                tooltip="The release's fine-tuned unet.bin (diffusers names). 'none' when the model "
                                        "already is the fine-tuned UNet (e.g. a converted file loaded with Load "
                                        "Diffusion Model)."),
@@ -183,7 +184,8 @@ class ControlNeXtSVDWindowGuider(io.ComfyNode):
                 io.Int.Input("overlap", default=6, min=0, max=127,
                              tooltip="Frames shared by neighbouring windows (official: 6); smaller than window."),
             ],
-            outputs=[io.Guider.Output()],
+            outputs=[io.Guider.Output(tooltip="For SamplerCustomAdvanced's guider input: it samples the whole "
+                                              "video window by window.")],
         )
 
     @classmethod

@@ -1,8 +1,9 @@
 """Reliability battery, HTTP part: one real headless ComfyUI with the pack linked, driven through
 its API. Bad model files on disk fail on the loader with the pack's message (and a hostile
-pickle runs nothing in the server), names outside the models folders and out-of-range inputs
-are refused by validation, many prompts in a row complete without memory growth or a patch
-leaking into later prompts, and an interrupted prompt leaves the server working.
+pickle runs nothing in the server), other kinds of model are not in its list, names outside the
+models folders and out-of-range inputs are refused by validation, many prompts in a row complete
+without memory growth or a patch leaking into later prompts, and an interrupted prompt leaves the
+server working.
 
 Models: the cheap two-level UNets of test_host_reliability_nodes.py ("base" layout); with one
 torch thread in the server, the 50-prompt load test takes about 10 s on a busy 2-core machine.
@@ -220,8 +221,23 @@ def assert_message(message: str, expected) -> None:
     assert "Traceback" not in message
 
 
+# Read as other kinds of model from their tensor names: Load ControlNeXt does not list them.
+NOT_ENCODERS = ("control_v11p_sd15_canny.safetensors", "lora_style.safetensors", "sd15_checkpoint.safetensors")
+
+
+def test_the_loader_lists_the_broken_encoders_and_not_other_kinds_of_model(server):
+    """A damaged or refused file cannot be told apart cheaply: it stays listed, and loading it says what is wrong."""
+    options = server.get("/object_info/ControlNeXtLoader")["ControlNeXtLoader"]["input"]["required"][
+        "controlnext_name"][1]["options"]
+    assert options == sorted(set(EXPECTED) - set(NOT_ENCODERS) | set(GOOD))
+
+
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_bad_files_fail_on_the_loader_with_the_packs_message(server, name):
+    if name in NOT_ENCODERS and host_validates_v3_combos():
+        status, answer = server.post("/prompt", {"prompt": graph(encoder=name), "client_id": server.client_id})
+        assert_not_in_list(status, answer, name)
+        return
     entry = run(server, graph(encoder=name))
     assert entry["status"]["status_str"] == "error"
     error = error_of(entry)
@@ -253,6 +269,17 @@ def host_validates_v3_combos() -> bool:
         return 'extra_info.get("options"' in file.read()
 
 
+def assert_not_in_list(status: int, answer: dict, name: str) -> None:
+    """Validation refused the prompt: ``name`` is not in Load ControlNeXt's list."""
+    assert status == 400
+    ((node_id, node),) = answer["node_errors"].items()
+    assert node_id == "2" and node["class_type"] == "ControlNeXtLoader"
+    ((error),) = node["errors"]
+    assert (error["type"], error["message"]) == ("value_not_in_list", "Value not in list")
+    assert error["extra_info"]["input_name"] == "controlnext_name"
+    assert error["extra_info"]["received_value"] == name
+
+
 NOT_IN_FOLDERS = ("'{}' is not in the models/controlnext or models/controlnet folders (or their "
                   "extra_model_paths.yaml entries). Put the file there and refresh the page.")
 
@@ -262,13 +289,7 @@ NOT_IN_FOLDERS = ("'{}' is not in the models/controlnext or models/controlnet fo
 def test_names_outside_the_models_folders_never_load(server, name):
     status, answer = server.post("/prompt", {"prompt": graph(encoder=name), "client_id": server.client_id})
     if host_validates_v3_combos():
-        assert status == 400
-        ((node_id, node),) = answer["node_errors"].items()
-        assert node_id == "2" and node["class_type"] == "ControlNeXtLoader"
-        ((error),) = node["errors"]
-        assert (error["type"], error["message"]) == ("value_not_in_list", "Value not in list")
-        assert error["extra_info"]["input_name"] == "controlnext_name"
-        assert error["extra_info"]["received_value"] == name
+        assert_not_in_list(status, answer, name)
     else:  # the name reaches the loader, which resolves it only inside the models folders
         assert status == 200
         error = error_of(wait(server, answer["prompt_id"]))

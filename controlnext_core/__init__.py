@@ -5,8 +5,8 @@ Imports nothing from ComfyUI, so scripts and tests can use it on their own.
 from .cross_norm import add_control, add_unit_control, unit_control
 from .errors import ControlNeXtError
 from .families import FAMILIES, RULES, InjectionRule, detect_layout, injection_block, injection_channels, rule_for
-from .model import (ControlNeXt, bind, inject, load_controlnext, load_encoder, load_encoder_file, load_state_dict_file,
-                    read_file_metadata, resize_control)
+from .model import (ControlNeXt, bind, fit_control, inject, load_controlnext, load_encoder, load_encoder_file,
+                    load_state_dict_file, read_file_metadata, resize_control)
 
 __all__ = [
     "ControlNeXt",
@@ -18,6 +18,7 @@ __all__ = [
     "add_unit_control",
     "bind",
     "detect_layout",
+    "fit_control",
     "inject",
     "injection_block",
     "injection_channels",

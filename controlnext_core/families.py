@@ -15,7 +15,6 @@ from .errors import ControlNeXtError
 
 FAMILIES = ("sd15", "sdxl", "svd")
 FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL", "svd": "Stable Video Diffusion"}
-LAYOUTS = ("base", "mid", "svd_v1")
 
 
 @dataclass(frozen=True)

@@ -376,11 +376,33 @@ def load_controlnext(state_dict: Mapping[str, torch.Tensor], family: str | None 
 
 
 def resize_control(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Stretch control images [N,3,H,W] to the generated size, as the official scripts do."""
+    """Stretch control images [N,3,H,W] to the generated size, as the official scripts do (training)."""
     if tuple(image.shape[-2:]) == (height, width):
         return image
     return F.interpolate(image.float(), size=(height, width), mode="bicubic", antialias=True,
                          align_corners=False).clamp_(0.0, 1.0)
+
+
+def fit_control(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Fit control images [N,3,H,W] to the generated size as ComfyUI's ControlNets fit theirs
+    (``common_upscale(hint, width, height, "nearest-exact", "center")``): the centre of the image
+    at the target's aspect ratio (the same rounding), scaled by nearest-exact sampling. So a
+    ControlNeXt and an ordinary ControlNet given one photo of another shape cover the same region.
+    The cut keeps at least one pixel (where ComfyUI's would leave none: a 2-pixel image on a 3:1
+    picture).
+    """
+    old_height, old_width = image.shape[-2:]
+    old_aspect, new_aspect = old_width / old_height, width / height
+    x = y = 0
+    if old_aspect > new_aspect:
+        x = min(round((old_width - old_width * (new_aspect / old_aspect)) / 2), (old_width - 1) // 2)
+    elif old_aspect < new_aspect:
+        y = min(round((old_height - old_height * (old_aspect / new_aspect)) / 2), (old_height - 1) // 2)
+    if x or y:
+        image = image[..., y:old_height - y, x:old_width - x]
+    if tuple(image.shape[-2:]) == (height, width):
+        return image
+    return F.interpolate(image.float(), size=(height, width), mode="nearest-exact")
 
 
 def inject(

@@ -12,6 +12,9 @@ strength, each latent's multiplier, the masks and the uncond multiplier; they re
 from __future__ import annotations
 
 import functools
+import logging
+import os
+import re
 import sys
 from types import ModuleType
 
@@ -23,6 +26,12 @@ from .patch import NO_OPTIONS, CallScales, ControlNeXtControlNet, ControlNeXtFil
 # ComfyUI imports a custom node folder as a package named after its path: this is the module of
 # that pack holding AdvancedControlBase, whatever its folder is called.
 ADVANCED_MODULE_SUFFIX = ".adv_control.utils"
+# The Advanced-ControlNet release series whose AdvancedControlBase this module is written against:
+# what it uses (its __init__, keyframe state, latent and mask helpers, copy_to_advanced,
+# default_control_actions) is the same from 1.4.0 to 1.5.8; the host test runs against a checkout.
+KNOWN_SERIES = ((1, 4), (1, 5))
+
+log = logging.getLogger("ControlNeXt")
 
 
 def advanced_controlnet_module() -> ModuleType | None:
@@ -32,6 +41,32 @@ def advanced_controlnet_module() -> ModuleType | None:
                 and hasattr(module, "ControlWeights"):
             return module
     return None
+
+
+def pack_version(module: ModuleType) -> str | None:
+    """The version in the pyproject.toml of the Advanced-ControlNet folder ``module`` was loaded from
+    (the pack keeps its version only there); None when there is none to read."""
+    folder = os.path.dirname(os.path.dirname(os.path.abspath(module.__file__)))
+    try:
+        with open(os.path.join(folder, "pyproject.toml"), encoding="utf-8") as file:
+            found = re.search(r'^version\s*=\s*"([^"]+)"', file.read(), re.MULTILINE)
+    except OSError:
+        return None
+    return found.group(1) if found else None
+
+
+def unknown_version_note(version: str | None) -> str | None:
+    """What to tell the user when Advanced-ControlNet is a ``version`` this pack does not know; None
+    for a known one."""
+    series = re.match(r"(\d+)\.(\d+)(\.|$)", version or "")
+    if series is not None and (int(series[1]), int(series[2])) in KNOWN_SERIES:
+        return None
+    known = " and ".join(f"{major}.{minor}" for major, minor in KNOWN_SERIES)
+    return (f"Advanced-ControlNet {version or 'of an unknown version (its pyproject.toml gives none)'} is not a "
+            f"release this pack knows (it is written for the {known} releases). Load ControlNeXt's CONTROL_NET "
+            f"is made one of its controls anyway; if Apply Advanced ControlNet fails with it or its keyframes do "
+            f"not act, use Advanced-ControlNet {KNOWN_SERIES[-1][0]}.{KNOWN_SERIES[-1][1]}, or this pack's own "
+            f"schedule nodes with ComfyUI's Apply ControlNet (README, \"Advanced-ControlNet\").")
 
 
 def control_net_for(file: ControlNeXtFile) -> ControlNeXtControlNet:
@@ -49,7 +84,11 @@ def per_layer_weights(weights) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def advanced_control_class(module: ModuleType) -> type:
-    """ControlNeXtControlNet as an ``AdvancedControlBase`` of this loaded Advanced-ControlNet."""
+    """ControlNeXtControlNet as an ``AdvancedControlBase`` of this loaded Advanced-ControlNet (built
+    once per loaded pack, which is when a version this pack does not know is logged)."""
+    note = unknown_version_note(pack_version(module))
+    if note is not None:
+        log.warning("ControlNeXt: %s", note)
     base = module.AdvancedControlBase
 
     class AdvancedControlNeXtControlNet(ControlNeXtControlNet, base):
@@ -62,10 +101,8 @@ def advanced_control_class(module: ModuleType) -> type:
                           module.ControlWeights.default())
 
         def get_control_advanced(self, x_noisy, t, cond, batched_number, transformer_options):
-            control_prev = None
-            if self.previous_controlnet is not None:
-                control_prev = self.previous_controlnet.get_control(x_noisy, t, cond, batched_number,
-                                                                    transformer_options)
+            """Advanced-ControlNet's own chaining (the controls before this one), then this call's patch."""
+            control_prev = self.default_control_actions(x_noisy, t, cond, batched_number, transformer_options)
             self.install_patch(transformer_options, self.call_scales(x_noisy, t, cond, batched_number))
             return control_prev
 

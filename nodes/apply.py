@@ -23,7 +23,9 @@ class ApplyControlNeXt(io.ComfyNode):
                 io.Model.Input("model", tooltip="An SD1.5 or SDXL model (SVD: use the video nodes)."),
                 ControlNeXtType.Input("controlnext", tooltip="From Load ControlNeXt."),
                 io.Image.Input("image", tooltip="The control image (canny, depth, pose, mask...). One image serves "
-                                                "the whole batch; or one per latent in the batch."),
+                                                "the whole batch; or one per latent in the batch. Another shape "
+                                                "than the picture's is fitted as ComfyUI's ControlNets fit theirs: "
+                                                "the centre cut to the picture's aspect ratio, then scaled."),
                 io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01,
                                tooltip="Multiplies the file's own scale. 0 leaves the model unchanged."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
@@ -65,12 +67,16 @@ class ApplyControlNeXt(io.ComfyNode):
 
 def applied_ui(cls, patch, image, strength: float, warning: str | None) -> dict:
     """What the editor shows on the node after a run: where the control acted, in words (the exact
-    injection point and block as the text's tooltip), a warning when the file is probably not made
-    for this model, and a preview of the control image it received."""
+    injection point and block, and how the control image is fitted to the picture, as the text's
+    tooltip), a warning when the file is probably not made for this model, and a preview of the
+    control image it received."""
     controlnext = patch.controlnext
     summary = (f"{FAMILY_NAMES[controlnext.family]} model, strength {strength:g}: acts where the release was "
                f"trained to, {POINT_WORDS[controlnext.rule.point]}")
     detail = (f"{controlnext.rule.point} = ComfyUI {patch.block[0]} block {patch.block[1]}; "
               f"{LAYOUT_DESCRIPTIONS[controlnext.layout]}")
+    fitting = (f"control image {image.shape[2]}x{image.shape[1]}: fitted to the generated size as ComfyUI's "
+               f"ControlNets fit theirs (the centre cut to its aspect ratio, then scaled)")
     lines = [summary] + ([f"Warning: {warning}"] if warning else [])
-    return {"controlnext_info": lines, "controlnext_detail": [detail], **ui.PreviewImage(image, cls=cls).as_dict()}
+    return {"controlnext_info": lines, "controlnext_detail": [detail, fitting],
+            **ui.PreviewImage(image, cls=cls).as_dict()}

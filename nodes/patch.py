@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import weakref
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -16,12 +15,14 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.patcher_extension
 
-from ..controlnext_core import (ControlNeXt, ControlNeXtError, add_unit_control, bind, injection_block,
-                                injection_channels, resize_control, unit_control)
+from ..controlnext_core import (ControlNeXt, ControlNeXtError, bind, fit_control, injection_block,
+                                injection_channels)
 from ..controlnext_core.encoders import ConditionEncoder
+from ..controlnext_core.encoding_cache import EncodingCache, refresh_block
 from ..controlnext_core.families import FAMILY_NAMES, LAYOUT_DESCRIPTIONS, mixed_up_pairing
+from ..controlnext_core.rows import (CallLayout, add_planned_control, controls_any_chunk,
+                                     encode_rows, plan_rows, row_images, row_masks)
 from ..controlnext_core.schedule import LatentStrengths, ResolvedSchedule, StrengthSchedule, check_strength, resolve
-from ..controlnext_core.video import resample_frames
 
 # ComfyUI model config class (or a base class of it) -> ControlNeXt family.
 FAMILY_BY_CONFIG = {"SD15": "sd15", "SDXL": "sdxl", "SVD_img2vid": "svd"}
@@ -30,7 +31,7 @@ LATENT_SCALE = 8  # SD1.5, SDXL and SVD VAEs all downscale by 8
 # transformer_options keys our window guider sets: the control frame of each row, and the video length.
 WINDOW_CONTROL_FRAMES = "controlnext_control_frames"
 VIDEO_FRAMES = "controlnext_video_frames"
-FRAME_POLICIES = ("error", "resample")
+FRAME_POLICIES = ("error", "resample")  # see controlnext_core.rows.row_images
 # transformer_options key of this model call's sigmas as floats: (the sigmas tensor, its values)
 STEP_SIGMAS = "controlnext_step_sigmas"
 # transformer_options key of this model call's per-row multipliers from the CONTROL_NET that installed
@@ -171,12 +172,11 @@ def read_sigmas_before_the_unet(executor, x, timesteps, context, y, control, tra
 
 
 class ControlNeXtPatch:
-    """Encode the control once per step, cross-normalise it and add it at one UNet block.
+    """Encode the control once per step, cross-normalise it and add it at one UNet block: the glue
+    between ComfyUI's transformer_options and the core's row plan (``controlnext_core.rows``).
 
-    Immutable after construction apart from ``_memo``: a one-entry cache of the unit control
-    keyed by everything it depends on (sigmas, sizes, rows encoded, device, dtype), so cond and
-    uncond reuse one encoder run whether ComfyUI batches them or calls them separately. It never
-    changes a result, so sharing the object between MODEL clones is safe.
+    Immutable after construction apart from ``cache`` (an ``EncodingCache``), which never changes
+    a result, so sharing the object between MODEL clones is safe.
 
     Strength is the file's scale x ``strength`` per CFG half (the uncond half x the options'
     multiplier), x the schedule at this step, x the options' strength of each latent / frame (x a
@@ -184,8 +184,8 @@ class ControlNeXtPatch:
     encoder does not run.
 
     ``refresh_every`` = k > 1 is an opt-in approximation: the unit control is encoded at the first
-    evaluation of steps 0, k, 2k... of a sampling run and reused until the next (``_held``, keyed
-    by the run's schedule and the block of steps, so the result does not depend on earlier runs).
+    evaluation of steps 0, k, 2k... of a sampling run and reused until the next (keyed by the run's
+    schedule and the block of steps, so the result does not depend on earlier runs).
     """
 
     def __init__(self, controlnext: ControlNeXt, patcher, image: torch.Tensor, strength: float,
@@ -209,9 +209,7 @@ class ControlNeXtPatch:
         self.frame_policy = frame_policy
         self.refresh_every = int(refresh_every)
         self.unit = "frames" if controlnext.family == "svd" else "latents"
-        self._memo: tuple | None = None
-        self._held: dict = {}  # refresh mode: the unit controls of the current block of steps
-        self._sampling_run: tuple | None = None  # (weakref to sample_sigmas, its values)
+        self.cache = EncodingCache()
 
     def __deepcopy__(self, memo):
         return self
@@ -220,8 +218,7 @@ class ControlNeXtPatch:
         """ComfyUI moves patches with the model (load, detach): the cached controls are dropped so
         none stays on a device the model left. The encoder's ModelPatcher moves the weights."""
         if isinstance(device_or_dtype, torch.device):
-            self._memo = None
-            self._held = {}
+            self.cache.clear()
         return self
 
     def models(self):
@@ -230,39 +227,24 @@ class ControlNeXtPatch:
     def inject(self, h: torch.Tensor, transformer_options: dict) -> torch.Tensor:
         if transformer_options.get("block") != self.block:
             return h
-        sigmas = transformer_options["sigmas"]
-        sigma_values = list(step_sigmas(transformer_options))
+        sigma_values = step_sigmas(transformer_options)
         if not self.sigma_end <= sigma_values[0] <= self.sigma_start:
             return h
         over_time = self._strength_over_time(sigma_values[0], transformer_options)
-        chunks = transformer_options.get("cond_or_uncond") or [0]
-        if not over_time or not any(self.gains[min(kind, 1)] for kind in chunks):
+        chunks = tuple(transformer_options.get("cond_or_uncond") or [0])
+        if not controls_any_chunk(self.gains, chunks, over_time):
             return h
-        rows = h.shape[0] // len(chunks)
-        frames = self._control_frames(transformer_options, rows)
-        total = self._video_length(transformer_options, rows, frames)
+        layout = call_layout(transformer_options, chunks, h.shape[0] // len(chunks))
         call = transformer_options.get(CALL_SCALES, {}).get(id(self))
-        gains = self._row_gains(chunks, rows, over_time, self._row_strengths(rows, frames, total), call)
-        active = tuple(row for row in range(rows) if any(chunk[row] for chunk in gains))
-        if not active:
+        plan = plan_rows(layout, self.gains, over_time, self.latent_strengths, self.unit,
+                         None if call is None else call.strengths)
+        if not plan.active:
             return h
-        if len(sigma_values) != rows:
-            sigmas, sigma_values = sigmas[:1].expand(rows), sigma_values[:1] * rows
-        unit = self._unit_control(h, sigmas, sigma_values, rows, frames, total, active, transformer_options)
-        mask = self._mask_rows(frames, total)
+        unit = self._unit_control(h, layout, plan.active, transformer_options)
+        mask = row_masks(self.mask, layout, self.unit)
         reference = self._block_input(h, transformer_options)
-        rule = self.controlnext.rule
-        pieces = []
-        for index, row_gains in enumerate(gains):
-            rows_here = slice(index * rows, (index + 1) * rows)
-            piece = h[rows_here]
-            if not any(row_gains):
-                pieces.append(piece)
-                continue
-            strength = row_gains[0] if len(set(row_gains)) == 1 else torch.tensor(row_gains)
-            piece_mask = combined_mask(mask, None if call is None or call.mask is None else call.mask[rows_here])
-            pieces.append(add_unit_control(piece, unit, rule, strength, piece_mask, statistics_of=reference[rows_here]))
-        out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        out = add_planned_control(h, unit, self.controlnext.rule, plan, mask, None if call is None else call.mask,
+                                  statistics_of=reference)
         if self._shares_its_block(transformer_options):
             transformer_options[BLOCK_INPUT] = (out, reference)
         return out
@@ -271,30 +253,8 @@ class ControlNeXtPatch:
         """The schedule's multiplier at this step (1 without a schedule)."""
         if self.schedule is None:
             return 1.0
-        run = self._sampling_sigmas(transformer_options) if self.schedule.schedule.step_strengths is not None else None
+        run = self._run_sigmas(transformer_options) if self.schedule.schedule.step_strengths is not None else None
         return self.schedule.strength(sigma, run)
-
-    def _row_gains(self, chunks, rows: int, over_time: float, per_row: tuple[float, ...],
-                   call: CallScales | None) -> list[list[float]]:
-        """The strength of each row of each CFG chunk at this call."""
-        if call is not None and len(call.strengths) != rows * len(chunks):
-            raise ControlNeXtError(f"The control gave {len(call.strengths)} strengths for {rows * len(chunks)} rows.")
-        gains = []
-        for index, kind in enumerate(chunks):
-            gain = self.gains[min(kind, 1)] * over_time
-            scales = call.strengths[index * rows:(index + 1) * rows] if call is not None else (1.0,) * rows
-            gains.append([gain * per_row[row] * scales[row] for row in range(rows)])
-        return gains
-
-    def _row_strengths(self, rows: int, frames: tuple[int, ...] | None, total: int | None) -> tuple[float, ...]:
-        """The options' strength of each row: per latent of the batch, or per video frame under windows."""
-        if self.latent_strengths is None:
-            return (1.0,) * rows
-        if total is None:
-            raise ControlNeXtError("Per-frame strengths need the video's length, which these context windows do "
-                                   "not give: use the ControlNeXt SVD Window Guider.")
-        values = self.latent_strengths.for_count(total, self.unit)
-        return values if frames is None else tuple(values[frame] for frame in frames)
 
     def _block_input(self, h: torch.Tensor, transformer_options: dict) -> torch.Tensor:
         """The UNet's own hidden state at this block: h, or what h was before another ControlNeXt added to it."""
@@ -307,141 +267,60 @@ class ControlNeXtPatch:
         later = patches[next((i for i, p in enumerate(patches) if p is self), len(patches)) + 1:]
         return any(isinstance(p, ControlNeXtPatch) and p.block == self.block for p in later)
 
-    def _sampling_sigmas(self, transformer_options) -> tuple[float, ...] | None:
-        """The sampling run's sigmas (``sample_sigmas``), read once per run; None outside ComfyUI's sampling."""
+    def _run_sigmas(self, transformer_options) -> tuple[float, ...] | None:
+        """The sampling run's sigmas (``sample_sigmas``); None outside ComfyUI's sampling."""
         sample_sigmas = transformer_options.get("sample_sigmas")
-        if sample_sigmas is None:
-            return None
-        cached = self._sampling_run
-        if cached is None or cached[0]() is not sample_sigmas:  # a new sampling run: one read of its schedule
-            cached = (weakref.ref(sample_sigmas), tuple(sample_sigmas.detach().float().cpu().tolist()))
-            self._sampling_run = cached
-        return cached[1]
+        return None if sample_sigmas is None else self.cache.run_sigmas(sample_sigmas)
 
-    def _unit_control(self, h, sigmas, sigma_values, rows, frames, total, active, transformer_options) -> torch.Tensor:
+    def _unit_control(self, h: torch.Tensor, layout: CallLayout, active: tuple[int, ...],
+                      transformer_options: dict) -> torch.Tensor:
+        """The unit control of each row: cached, or encoded from the rows' images fitted to the latent."""
+        rows = layout.rows
+        sigmas, sigma_values = transformer_options["sigmas"], step_sigmas(transformer_options)
+        if len(sigma_values) != rows:
+            sigmas, sigma_values = sigmas[:1].expand(rows), sigma_values[:1] * rows
         size = tuple(h.shape[-2:])
         latent_size = tuple(transformer_options["original_shape"][-2:])
         shared = self.image.shape[0] == 1 and len(set(sigma_values)) == 1  # one encoding serves every row
         subset = None if shared or len(active) == rows else active
-        key = (tuple(sigma_values), size, latent_size, rows, frames, subset, h.device, h.dtype)
+        inputs = (size, latent_size, rows, layout.frames, subset, h.device, h.dtype)
         block = self._refresh_block(transformer_options, sigma_values[0])
-        if block is not None:  # refresh mode: one unit control per block of refresh_every steps
-            held_key = block + key[1:]
-            if held_key in self._held:
-                return self._held[held_key]
-            self._held = {k: v for k, v in self._held.items() if k[:2] == block}
-        memo = self._memo
-        if memo is not None and memo[0] == key:
-            return memo[1]
-        images = self._images_for(rows, frames, total)
-        image = resize_control(images, latent_size[0] * LATENT_SCALE, latent_size[1] * LATENT_SCALE).to(h.device)
+        unit = self.cache.find(sigma_values, inputs, block)
+        if unit is not None:
+            return unit
+        images = row_images(self.image, layout, self.unit, self.frame_policy)
+        image = fit_control(images, latent_size[0] * LATENT_SCALE, latent_size[1] * LATENT_SCALE).to(h.device)
         timesteps = self.model_sampling.timestep(sigmas).float()
-        if shared:
-            timesteps = timesteps[:1]
-        else:
-            image = image.expand(rows, -1, -1, -1)
-            if subset is not None:  # rows at strength 0 are not encoded
-                index = torch.tensor(subset, device=image.device)
-                image, timesteps = image[index], timesteps[index.to(timesteps.device)]
-        if image.device.type == "cpu":
-            # oneDNN runs the encoder's full-resolution convs 10-20 % faster on channels-last input
-            # (benchmarks/, README); its output goes back to the layout of h below.
-            image = image.contiguous(memory_format=torch.channels_last)
-        control = self.controlnext.encode_for(image, timesteps, size, compute_dtype=h.dtype).contiguous()
-        unit = unit_control(control, size, self.controlnext.rule)
-        if subset is not None:
-            every_row = unit.new_zeros((rows, *unit.shape[1:]))
-            every_row[list(subset)] = unit
-            unit = every_row
-        self._memo = (key, unit)
-        if block is not None:
-            self._held[block + key[1:]] = unit
+        unit = encode_rows(self.controlnext, image, timesteps[:1] if shared else timesteps, size, h.dtype, rows, subset)
+        self.cache.store(sigma_values, inputs, block, unit)
         return unit
 
     def _refresh_block(self, transformer_options, sigma: float) -> tuple | None:
-        """Refresh mode: (schedule, index of the block of ``refresh_every`` steps that ``sigma`` falls in).
-
-        A step is the interval between two sigmas of the sampling schedule (``sample_sigmas``), so
-        evaluations inside a step (heun, dpm_2) count with it. The block's control is the one
-        encoded at its first evaluation: steps 0, k, 2k... re-encode, the others reuse it. None in
-        the exact mode, or when ComfyUI gives no schedule.
-        """
+        """Refresh mode: the block of ``refresh_every`` steps ``sigma`` falls in (``refresh_block``);
+        None in the exact mode, or when ComfyUI gives no schedule."""
         if self.refresh_every == 1:
             return None
-        schedule = self._sampling_sigmas(transformer_options)
-        if schedule is None:
-            return None
-        step = sum(1 for value in schedule[:-1] if value >= sigma * (1.0 - 1e-6)) - 1
-        return schedule, max(step, 0) // self.refresh_every
-
-    @staticmethod
-    def _control_frames(transformer_options, rows: int) -> tuple[int, ...] | None:
-        """The video frame of each row under a window: ours (first frame swapped for the video's
-        first, as the official pipeline does) or ComfyUI's context windows (plain slice)."""
-        frames = transformer_options.get(WINDOW_CONTROL_FRAMES)
-        if frames is None and transformer_options.get("context_window") is not None:
-            frames = transformer_options["context_window"].index_list
-        if frames is None:
-            return None
-        frames = tuple(int(f) for f in frames)
-        if len(frames) != rows:
-            raise ControlNeXtError(f"A context window lists {len(frames)} frames for {rows} latent rows; "
-                                   f"use one video per batch with ControlNeXt.")
-        return frames
-
-    @staticmethod
-    def _video_length(transformer_options, rows: int, frames: tuple[int, ...] | None) -> int | None:
-        """Latents in the batch, or frames in the whole video under a window (None when a window does not say)."""
-        if VIDEO_FRAMES in transformer_options:
-            return transformer_options[VIDEO_FRAMES]
-        if frames is None:
-            return rows
-        return getattr(transformer_options.get("context_window"), "total_frames", 0) or None
-
-    def _images_for(self, rows: int, frames: tuple[int, ...] | None, total: int | None) -> torch.Tensor:
-        """The control image of each row (or one image for all rows)."""
-        count = self.image.shape[0]
-        video = self.controlnext.family == "svd"
-        images = self.image
-        if count != 1 and total is not None and count != total:
-            if self.frame_policy != "resample":
-                raise ControlNeXtError(
-                    f"{count} control images for {total} {self.unit}: give "
-                    f"{'one per video frame' if video else f'one image (used for the whole batch) or exactly {total}'}"
-                    f"{', or set frame_count to resample' if video else ''}.")
-            images = resample_frames(images, total)
-        if frames is None or images.shape[0] == 1:
-            return images
-        if max(frames) >= images.shape[0]:
-            raise ControlNeXtError(
-                f"The video window reaches frame {max(frames) + 1} but there are only {images.shape[0]} control "
-                f"images: give one per video frame.")
-        return images[list(frames)]
-
-    def _mask_rows(self, frames: tuple[int, ...] | None, total: int | None) -> torch.Tensor | None:
-        """The mask of each row: one for all, one per latent, or the window's frames of one per video frame."""
-        if self.mask is None or self.mask.shape[0] == 1:
-            return self.mask
-        count = self.mask.shape[0]
-        if total is not None and count != total:
-            raise ControlNeXtError(
-                f"{count} masks for a batch of {total} latents: give one mask or exactly {total}." if self.unit == "latents"
-                else f"{count} masks for {total} frames: give one mask or one per video frame.")
-        if frames is None:
-            return self.mask
-        if max(frames) >= count:
-            raise ControlNeXtError(f"The video window reaches frame {max(frames) + 1} but there are only {count} "
-                                   f"masks: give one mask or one per video frame.")
-        return self.mask[list(frames)]
+        run = self._run_sigmas(transformer_options)
+        return None if run is None else refresh_block(run, sigma, self.refresh_every)
 
 
-def combined_mask(mask: torch.Tensor | None, other: torch.Tensor | None) -> torch.Tensor | None:
-    """The product of two [1 or B, H, W] masks (``other`` resized to ``mask``'s size), or whichever is given."""
-    if mask is None or other is None:
-        return other if mask is None else mask
-    other = torch.nn.functional.interpolate(other.float()[:, None], size=mask.shape[-2:], mode="bilinear",
-                                            align_corners=False)[:, 0]
-    return mask.float() * other.to(mask.device)
+def call_layout(transformer_options: dict, chunks: tuple[int, ...], rows: int) -> CallLayout:
+    """This call's batch layout, from ComfyUI's options: the video frame of each row under a window
+    (ours: first frame swapped for the video's first, as the official pipeline does; or ComfyUI's
+    context windows: a plain slice), and the latents in the batch or the frames of the whole video
+    (None when ComfyUI's window does not say)."""
+    frames = transformer_options.get(WINDOW_CONTROL_FRAMES)
+    window = transformer_options.get("context_window")
+    if frames is None and window is not None:
+        frames = window.index_list
+    frames = None if frames is None else tuple(int(f) for f in frames)
+    if VIDEO_FRAMES in transformer_options:
+        total = transformer_options[VIDEO_FRAMES]
+    elif frames is None:
+        total = rows
+    else:
+        total = getattr(window, "total_frames", 0) or None
+    return CallLayout(chunks, rows, frames, total)
 
 
 class InputBlockPatch(ControlNeXtPatch):

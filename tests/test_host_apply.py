@@ -311,9 +311,9 @@ def test_the_patch_drops_its_cached_controls_when_comfyui_unloads_the_model(tmp_
                                                          refresh_every=2).result[0]
     (patch,) = patched.model_options["transformer_options"]["patches"]["output_block_patch"]
     first = sample(patched, "sd15", steps=3)
-    assert patch._memo is not None and patch._held  # the last unit controls are cached...
+    assert patch.cache.last is not None and patch.cache.held  # the last unit controls are cached...
     comfy.model_management.unload_all_models()  # ...until ComfyUI detaches the model (model_patches_to)
-    assert patch._memo is None and patch._held == {}
+    assert patch.cache.last is None and patch.cache.held == {}
     assert torch.equal(sample(patched, "sd15", steps=3), first)
 
 

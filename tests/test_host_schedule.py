@@ -22,6 +22,7 @@ patch_module = host.patch_module
 schedule_nodes = host.importlib.import_module(f"{host.PACK_NAME}.nodes.schedule")
 video = host.importlib.import_module(f"{host.PACK_NAME}.nodes.video")
 core_video = host.importlib.import_module(f"{host.PACK_NAME}.controlnext_core.video")
+core_rows = host.importlib.import_module(f"{host.PACK_NAME}.controlnext_core.rows")
 Error = host.core.ControlNeXtError
 
 
@@ -62,13 +63,13 @@ def controlnet_route(model, family, file, batch=1, strength=1.0, start=0.0, end=
 def record_strengths(monkeypatch) -> list:
     """The strength (a float, or one per row) and mask of every add_unit_control call of the patch, in order."""
     calls = []
-    original = patch_module.add_unit_control
+    original = core_rows.add_unit_control
 
     def spy(hidden, unit, rule, strength, mask=None, **kwargs):
         calls.append((strength.tolist() if torch.is_tensor(strength) else strength, mask))
         return original(hidden, unit, rule, strength, mask, **kwargs)
 
-    monkeypatch.setattr(patch_module, "add_unit_control", spy)
+    monkeypatch.setattr(core_rows, "add_unit_control", spy)
     return calls
 
 

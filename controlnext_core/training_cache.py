@@ -53,8 +53,9 @@ class TrainingCache:
     ``identity`` is what the tensors depend on besides the item (the VAE and text encoder, the
     resolution, the family...). A cache whose index holds another identity (or another format
     version) is never read: its entries count as missing, and the next ``writer`` rewrites the index
-    with the new identity and deletes the old shards as it starts (opening alone changes nothing). A folder that is not a
-    cache (files but no index, or an index.json of something else) is refused, never written to.
+    with the new identity and deletes the old shards as it starts (opening alone changes nothing).
+    A folder that is not a cache (files but no index, or an index.json of something else) is refused,
+    never written to.
     One writer at a time: the cache takes no lock.
     """
 
@@ -66,7 +67,7 @@ class TrainingCache:
         self._entries: dict[str, _Entry] = {}
         self._shard_rows: dict[int, int] = {}  # shard -> rows written in it (live or replaced)
         index = self._read_index()
-        if index is not None and index["version"] == VERSION and index["identity"] == self.identity:
+        if index is not None and index.get("version") == VERSION and index.get("identity") == self.identity:
             self._load(index)
 
     # --- reading ---------------------------------------------------------------------------------

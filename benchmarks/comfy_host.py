@@ -4,15 +4,14 @@ The host is the ComfyUI checkout at ``COMFYUI_PATH``, set up as the tests do (ch
 sys.path, ``nodes`` imported early), except that the device is chosen here: ``--device cpu``
 sets ComfyUI's ``--cpu``, anything else lets ComfyUI pick its GPU.
 
-Every model comes from the builders the tests use: UNets from ``tests/tiny_unet.py`` (its
-``tiny_model`` on a registered config: the real SD1.5/SDXL configs it holds, or the SVD-XT
-config below), encoders from ``tests/builders.py``. ComfyUI's own ControlNet is ComfyUI's
+Every model comes from the builders the tests use (``controlnext_testbed``): UNets from its
+``tiny_unet`` (``tiny_model`` on a registered config: the real SD1.5/SDXL configs it holds, or the
+SVD-XT config below), encoders from its ``official_layouts``. ComfyUI's own ControlNet is ComfyUI's
 ``cldm.ControlNet`` class built from the UNet's config (as ``load_controlnet_state_dict`` does)
-with weights from ``builders.random_tensor``.
+with weights from ``official_layouts.random_tensor``.
 """
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 import tempfile
@@ -20,12 +19,13 @@ import tempfile
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTS = os.path.join(ROOT, "tests")
-PACK_NAME = "comfyui_controlnext_benchmark"
+if ROOT not in sys.path:
+    sys.path.append(ROOT)  # controlnext_testbed; appended: never shadows ComfyUI's modules
+from controlnext_testbed import comfy_library  # noqa: E402
 
 # SVD-XT (1.1) as ComfyUI detects it from the released checkpoint (model_detection.py, video
 # branch). 1 524 623 082 parameters, the count of the official unet.bin in
-# tests/fixtures/official_keys.json (checked when the model is built).
+# controlnext_testbed/official_keys.json (checked when the model is built).
 REAL_SVD_CONFIG = dict(
     use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
     num_classes="sequential", adm_in_channels=768, in_channels=8, model_channels=320, num_res_blocks=[2, 2, 2, 2],
@@ -37,35 +37,21 @@ REAL_SVD_CONFIG = dict(
 SVD_XT_PARAMETERS = 1_524_623_082
 
 
-def setup(device: str):
+def setup(device: str) -> str:
     """Import ComfyUI from COMFYUI_PATH and this pack the way ComfyUI imports a custom node folder."""
-    path = os.environ.get("COMFYUI_PATH")
-    if not path or not os.path.isfile(os.path.join(path, "comfy", "model_management.py")):
+    if not os.environ.get("COMFYUI_PATH"):
         raise SystemExit("The benchmarks need a ComfyUI host: set COMFYUI_PATH to a ComfyUI checkout and run "
                          "them with that ComfyUI's python (see the README, Benchmarks).")
-    path = os.path.abspath(path)
-    if path not in sys.path:
-        sys.path.insert(0, path)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = device == "cpu"
-    import nodes  # noqa: F401  ComfyUI's nodes.py, before anything can shadow it
-
-    if TESTS not in sys.path:
-        sys.path.insert(1, TESTS)  # tiny_unet, builders (after ComfyUI: never shadows its modules)
-    from pack_import import import_pack
-
-    import_pack(PACK_NAME, ROOT)
+    path = comfy_library.use_comfyui(os.environ["COMFYUI_PATH"], cpu=device == "cpu")
+    comfy_library.import_pack()
     return path
 
 
-def pack(module: str):
-    """A module of this pack (``controlnext_core``, ``nodes.patch``...) as ComfyUI would import it."""
-    return importlib.import_module(f"{PACK_NAME}.{module}")
+pack = comfy_library.pack
 
 
 def _register(key: str, config: dict, config_class) -> None:
-    import tiny_unet
+    from controlnext_testbed import tiny_unet
 
     tiny_unet.UNET_CONFIGS[key] = dict(config)
     tiny_unet.REAL_UNET_CONFIGS[key] = dict(config)
@@ -73,8 +59,8 @@ def _register(key: str, config: dict, config_class) -> None:
 
 
 def unet_key(family: str, quick: bool) -> str:
-    """Register the family's config with tests/tiny_unet.py and return its key there."""
-    import tiny_unet
+    """Register the family's config with controlnext_testbed.tiny_unet and return its key there."""
+    from controlnext_testbed import tiny_unet
 
     if quick:
         return family  # the tests' shallow models
@@ -87,7 +73,7 @@ def unet_key(family: str, quick: bool) -> str:
 def build_unet(family: str, quick: bool, dtype: torch.dtype):
     """A random-weight UNet (ModelPatcher) from the tests' builder; the builder's cache is cleared so
     that ``del`` frees it."""
-    import tiny_unet
+    from controlnext_testbed import tiny_unet
 
     key = unet_key(family, quick)
     model = tiny_unet.tiny_model(key, dtype)
@@ -99,7 +85,7 @@ def build_unet(family: str, quick: bool, dtype: torch.dtype):
 
 
 def unet_on_meta(family: str, quick: bool):
-    import tiny_unet
+    from controlnext_testbed import tiny_unet
 
     key = unet_key(family, quick)
     if quick:  # the shallow config, on meta
@@ -111,7 +97,7 @@ def unet_on_meta(family: str, quick: bool):
 def controlnext_file(layout: str, seed: int = 0):
     """What Load ControlNeXt outputs, from a random official-layout file written to a temp folder."""
     import safetensors.torch
-    from builders import random_encoder_state_dict
+    from controlnext_testbed.official_layouts import random_encoder_state_dict
 
     core, patch = pack("controlnext_core"), pack("nodes.patch")
     path = os.path.join(tempfile.mkdtemp(prefix="controlnext_bench_"), f"controlnext_{layout}.safetensors")
@@ -137,7 +123,7 @@ def comfy_controlnet(unet_patcher, seed: int = 1):
     import comfy.cldm.cldm
     import comfy.controlnet
     import comfy.model_management
-    from builders import random_tensor
+    from controlnext_testbed.official_layouts import random_tensor
 
     dtype = unet_patcher.model.get_dtype()
     config = controlnet_config(unet_patcher.model.model_config.unet_config, dtype,

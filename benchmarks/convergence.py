@@ -5,9 +5,10 @@ follow the control, on a toy base trained here, sampled end to end through Comfy
 
 What it does (README, Benchmarks: "Convergence"), all on the CPU, nothing downloaded:
 1. draws pictures of one to three shapes on smooth backgrounds and their canny controls (the pack's
-   Canny), a training set and a held-out set (tests/toy_shapes.py);
+   Canny), a training set and a held-out set (controlnext_testbed/toy_shapes.py);
 2. trains a small autoencoder (64x64 pictures <-> 8x8x4 latents) and then, on its latents, a toy
-   SD1.5-layout base UNet (ComfyUI's UNetModel) unconditionally; both then stay frozen;
+   SD1.5-layout base UNet (ComfyUI's UNetModel) unconditionally; both then stay frozen
+   (controlnext_testbed/toy_world.py, which the demo shares);
 3. trains on that base, with the same data, batch, steps and seeds: ControlNeXt with this pack's
    trainer (controlnext_core.train.Trainer through nodes/train.py's ComfyDenoiser, the SD1.5 recipe),
    encoder only and encoder + the recipe's UNet subset; and ComfyUI's own ControlNet (comfy.cldm)
@@ -30,7 +31,6 @@ import json
 import multiprocessing
 import os
 import platform
-import shutil
 import sys
 import tempfile
 import time
@@ -40,13 +40,14 @@ import torch
 from torch.nn import functional as F
 
 BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(BENCHMARKS)
 sys.path.insert(0, BENCHMARKS)
 import comfy_host  # noqa: E402
+from controlnext_testbed import toy_shapes  # noqa: E402  (comfy_host puts the checkout on sys.path)
+from controlnext_testbed.toy_world import (COMPUTE_DTYPE, World, build_world, load_world, noisy_batch,  # noqa: E402
+                                          release_comfy_models, sample, score, unet_call)
 
 RESULTS = os.path.join(BENCHMARKS, "results")
 FIGURES = os.path.join(BENCHMARKS, "figures")
-COMPUTE_DTYPE = torch.bfloat16  # autocast on the CPU (README, Benchmarks); trained weights stay fp32
 METHODS = {  # method -> (label, ControlNeXt trains the UNet subset; None: a ControlNet)
     "controlnext": ("ControlNeXt (encoder + UNet subset)", True),
     "controlnext_encoder": ("ControlNeXt (encoder only)", False),
@@ -56,19 +57,11 @@ METHODS = {  # method -> (label, ControlNeXt trains the UNet subset; None: a Con
 SHORT_NAMES = {"controlnext": "CNX+U", "controlnext_encoder": "CNX", "controlnet": "CN", "controlnet_fast": "CN 10x"}
 
 
-@dataclasses.dataclass(frozen=True)
-class Study:
-    train_pictures: int
-    heldout_pictures: int
-    autoencoder_steps: int
-    autoencoder_batch: int
-    base_steps: int
-    base_batch: int
-    base_lr: float
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Study(World):
     checkpoints: tuple[int, ...]  # training steps at which samples are scored; the last is the run's length
     batch: int
     seeds: tuple[int, ...]
-    sampler_steps: int
     grid_steps: tuple[int, ...]  # checkpoints shown in the sample grid
     encoder_lr: float = 1e-4  # Train ControlNeXt's defaults (the official SD1.5 examples)
     unet_lr: float = 1e-5
@@ -76,8 +69,6 @@ class Study:
     # At 1e-5 the ControlNet had not moved its samples after 1,600 steps: the same ControlNet at
     # ControlNeXt's encoder rate, so that its slowness is not only its learning rate's.
     controlnet_fast_lr: float = 1e-4
-    sampler: str = "dpmpp_2m"
-    scheduler: str = "karras"
     methods: tuple[str, ...] = tuple(METHODS)
 
 
@@ -88,141 +79,7 @@ FULL = Study(train_pictures=4096, heldout_pictures=16, autoencoder_steps=1500, a
 QUICK = Study(train_pictures=64, heldout_pictures=2, autoencoder_steps=20, autoencoder_batch=8,
               base_steps=10, base_batch=4, base_lr=3e-4, checkpoints=(0, 3, 6), batch=2, seeds=(0,),
               sampler_steps=2, grid_steps=(0, 6), methods=("controlnext", "controlnext_encoder", "controlnet"))
-# What tests/test_host_convergence.py serves from a real server: the world and one encoder-only
-# ControlNeXt, trained in a few minutes (``--preset server --release DIR``).
-SERVER = Study(train_pictures=1024, heldout_pictures=16, autoencoder_steps=800, autoencoder_batch=32,
-               base_steps=300, base_batch=16, base_lr=3e-4, checkpoints=(0, 600), batch=4, seeds=(0,),
-               sampler_steps=10, grid_steps=(0, 600), methods=("controlnext_encoder",))
-PRESETS = {"full": FULL, "quick": QUICK, "server": SERVER}
-HELDOUT_SEED = 1_000_000  # drawing seed of the held-out pictures (training pictures: 0)
-SAMPLE_SEED = 77  # the noise of every sample: the same for every method and step
-
-
-def canny(images: torch.Tensor, low=None, high=None) -> torch.Tensor:
-    return comfy_host.pack("controlnext_core.preprocess.canny").canny(images, low, high)
-
-
-def controls_of(pictures: torch.Tensor) -> torch.Tensor:
-    import toy_shapes
-
-    return canny(pictures, *toy_shapes.CANNY_THRESHOLDS)
-
-
-# --- the toy world -------------------------------------------------------------------------------
-
-def train_autoencoder(pictures: torch.Tensor, study: Study, seed: int = 0):
-    """L1 reconstruction with a little latent noise (so slightly-off latents from the sampler still
-    decode), AdamW with a cosine schedule; ``latent_scale`` set so the UNet sees unit spread."""
-    import toy_shapes
-
-    torch.manual_seed(seed)
-    autoencoder = toy_shapes.ShapeAutoencoder()
-    optimizer = torch.optim.AdamW(autoencoder.parameters(), lr=2e-3)
-    generator = torch.Generator().manual_seed(seed)
-    for step in range(study.autoencoder_steps):
-        for group in optimizer.param_groups:
-            group["lr"] = 2e-3 * 0.5 * (1 + np.cos(np.pi * step / study.autoencoder_steps))
-        images = pictures[torch.randint(0, len(pictures), (study.autoencoder_batch,), generator=generator)]
-        target = images.movedim(-1, 1) * 2 - 1
-        with torch.autocast("cpu", dtype=COMPUTE_DTYPE):
-            latents = autoencoder.encoder(target)
-            latents = latents + 0.05 * latents.detach().std() * torch.randn_like(latents)
-            decoded = autoencoder.decoder(latents)
-        loss = F.l1_loss(decoded.float(), target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        progress("autoencoder", step, study.autoencoder_steps, float(loss.detach()))
-    autoencoder.eval().requires_grad_(False)
-    with torch.no_grad():
-        spread = autoencoder.encoder(pictures[:512].movedim(-1, 1) * 2 - 1).std()
-        autoencoder.latent_scale.fill_(1.0 / (float(spread) * 0.18215))  # SD1.5 latent format's factor
-    return autoencoder, float(loss.detach())
-
-
-def progress(what: str, step: int, steps: int, loss: float) -> None:
-    """A line at every tenth of a training, with the CPU time so far."""
-    if (step + 1) % max(1, steps // 10) == 0:
-        print(f"{what}: step {step + 1}/{steps}, loss {loss:.4f}, {time.process_time():.0f} CPU s", flush=True)
-
-
-def unet_call(model, noisy, timesteps, **extra):
-    """The UNet called as nodes/train.py's ComfyDenoiser calls it: raw DDPM inputs, fixed context."""
-    import toy_shapes
-
-    unet = model.model.diffusion_model
-    context = toy_shapes.conditioning(noisy.shape[0])[0][0]
-    return unet(noisy, timesteps.float(), context=context, transformer_options={}, **extra)
-
-
-def noisy_batch(latents: torch.Tensor, generator: torch.Generator):
-    """The official training inputs: uniform integer timesteps, the DDPM schedule's add_noise."""
-    train = comfy_host.pack("controlnext_core.train")
-    noise = torch.randn(latents.shape, generator=generator)
-    timesteps = torch.randint(0, train.TRAIN_TIMESTEPS, (latents.shape[0],), generator=generator)
-    return train.add_noise(latents, noise, timesteps, train.ddpm_alphas_cumprod()), noise, timesteps
-
-
-def train_base(latents: torch.Tensor, study: Study, seed: int = 0):
-    """The base UNet, unconditionally: MSE on epsilon, AdamW, an exponential moving average of its
-    weights (decay 0.99) as the frozen base."""
-    import toy_shapes
-
-    torch.manual_seed(seed)
-    model = toy_shapes.new_base()
-    unet = model.model.diffusion_model.requires_grad_(True)  # ComfyUI v0.33 builds its layers without gradients
-    parameters = list(unet.parameters())
-    average = [p.detach().clone() for p in parameters]
-    optimizer = torch.optim.AdamW(parameters, lr=study.base_lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(seed)
-    losses = []
-    for step in range(study.base_steps):
-        for group in optimizer.param_groups:
-            group["lr"] = study.base_lr * min(1.0, (step + 1) / 50)
-        indices = torch.randint(0, len(latents), (study.base_batch,), generator=generator)
-        noisy, noise, timesteps = noisy_batch(model.model.process_latent_in(latents[indices]), generator)
-        with torch.autocast("cpu", dtype=COMPUTE_DTYPE):
-            prediction = unet_call(model, noisy, timesteps)
-        loss = F.mse_loss(prediction.float(), noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        with torch.no_grad():
-            decay = min(0.99, (1 + step) / (10 + step))
-            for kept, param in zip(average, parameters):
-                kept.lerp_(param.detach(), 1 - decay)
-        losses.append(float(loss.detach()))
-        progress("base", step, study.base_steps, losses[-1])
-    with torch.no_grad():
-        for kept, param in zip(average, parameters):
-            param.copy_(kept)
-    unet.requires_grad_(False)
-    return model, losses
-
-
-# --- sampling and the metric ----------------------------------------------------------------------
-
-def sample(model, count: int, study: Study, positive=None) -> torch.Tensor:
-    """ComfyUI's sampler (cfg 1: the conditioned pass only) from fixed noise; ComfyUI latents."""
-    import comfy.sample
-    import toy_shapes
-
-    generator = torch.Generator().manual_seed(SAMPLE_SEED)
-    size = toy_shapes.PICTURE // 8
-    noise = torch.randn(count, 4, size, size, generator=generator)
-    positive = positive if positive is not None else toy_shapes.conditioning()
-    with torch.no_grad():
-        return comfy.sample.sample(model, noise, study.sampler_steps, 1.0, study.sampler, study.scheduler, positive,
-                                   toy_shapes.conditioning(), torch.zeros_like(noise), seed=SAMPLE_SEED,
-                                   disable_pbar=True)
-
-
-def release_comfy_models() -> None:
-    """Unpatch and unload what ComfyUI loaded for sampling, so training reads the plain weights."""
-    import comfy.model_management
-
-    comfy.model_management.unload_all_models()
+PRESETS = {"full": FULL, "quick": QUICK}
 
 
 def controlnext_samples(model, trainer, name: str, controls: torch.Tensor, study: Study) -> torch.Tensor:
@@ -250,7 +107,6 @@ def controlnext_samples(model, trainer, name: str, controls: torch.Tensor, study
 def controlnet_samples(model, net, controls: torch.Tensor, study: Study) -> torch.Tensor:
     """ComfyUI's Apply ControlNet (advanced) at strength 1 on the conditioning, sampled."""
     import nodes
-    import toy_shapes
 
     positive, _ = nodes.ControlNetApplyAdvanced().apply_controlnet(
         toy_shapes.conditioning(), toy_shapes.conditioning(), net, controls, 1.0, 0.0, 1.0)
@@ -259,30 +115,12 @@ def controlnet_samples(model, net, controls: torch.Tensor, study: Study) -> torc
     return latents
 
 
-def score(autoencoder, latents: torch.Tensor, controls: torch.Tensor):
-    """(per-sample edge IoU, decoded pictures)."""
-    import toy_shapes
-
-    with torch.no_grad():
-        pictures = autoencoder.decode(latents.float())
-    return toy_shapes.edge_iou(pictures, controls, canny).tolist(), pictures
-
-
 # --- one training run per (method, seed), in a worker ---------------------------------------------
 
 def _worker_setup() -> None:
     comfy_host.setup("cpu")
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
-
-
-def load_world(folder: str):
-    import toy_shapes
-
-    model, autoencoder = toy_shapes.load_checkpoint(os.path.join(folder, "toy_base.safetensors"))
-    data = torch.load(os.path.join(folder, "data.pt"))
-    model.model.diffusion_model.requires_grad_(False)
-    return model, autoencoder, data
 
 
 def measured_step(step, probe) -> dict:
@@ -318,7 +156,6 @@ def run(job: dict) -> dict:
     unet = model.model.diffusion_model
 
     if METHODS[method][1] is None:
-        import toy_shapes
         import train_step
 
         net, _ = train_step.new_controlnet(model, torch.float32)
@@ -360,8 +197,6 @@ def run(job: dict) -> dict:
         optimizer_of = optimizer
         contexts = []
     else:
-        import toy_shapes
-
         train_unet = METHODS[method][1]
         settings = train.TrainingSettings(family="sd15", steps=study.checkpoints[-1], batch_size=study.batch,
                                           encoder_lr=study.encoder_lr, unet_lr=study.unet_lr, train_unet=train_unet,
@@ -413,65 +248,7 @@ def run(job: dict) -> dict:
     # trained weights and optimiser state, which live through the whole run beside the step's peak
     result["persistent_bytes"] = train_step.tensor_bytes(parameters) + train_step.optimizer_state_bytes(optimizer_of)
     result["run_cpu_s"] = time.process_time() - started
-    if job.get("release") and METHODS[method][1] is not None:
-        save_release(trainer, model, job["release"])
     return result
-
-
-def save_release(trainer, model, folder: str) -> None:
-    """The trained ControlNeXt as Save ControlNeXt writes it (``folder``/controlnet.safetensors, and
-    unet.safetensors when the UNet subset was trained)."""
-    train, nodes_train = comfy_host.pack("controlnext_core.train"), comfy_host.pack("nodes.train")
-    names = nodes_train.diffusers_names(model)
-    state = dict(model.model.diffusion_model.named_parameters())
-    unet = {names[k]: v for k, v in train.release_unet_weights(
-        trainer.trained_unet(), {k: state[k] for k in trainer.unet_parameters}, "sd15").items()}
-    metadata = train.release_metadata("sd15", trainer.settings.control_scale, trainer.steps_done, "toy shapes base")
-    train.save_release(folder, trainer.finish(), unet or None, metadata, overwrite=True)
-
-
-# --- the study ----------------------------------------------------------------------------------
-
-def build_world(study: Study, folder: str) -> dict:
-    """Data, autoencoder and base, saved into ``folder`` for the workers (and reused from there when
-    it already holds them); returns what the report says about them."""
-    import toy_shapes
-
-    summary_path = os.path.join(folder, "world.pt")
-    if os.path.exists(summary_path):
-        return torch.load(summary_path, weights_only=False)
-    started = time.process_time()
-    pictures = toy_shapes.draw_pictures(study.train_pictures, 0)
-    heldout = toy_shapes.draw_pictures(study.heldout_pictures, HELDOUT_SEED)
-    controls, heldout_controls = controls_of(pictures), controls_of(heldout)
-    drawn = time.process_time()
-    autoencoder, autoencoder_loss = train_autoencoder(pictures, study)
-    with torch.no_grad():
-        latents = torch.cat([autoencoder.encode(chunk) for chunk in pictures.split(256)])
-        reconstructed = autoencoder.decode(autoencoder.encode(heldout))
-    encoded = time.process_time()
-    model, base_losses = train_base(latents, study)
-    based = time.process_time()
-    toy_shapes.save_checkpoint(os.path.join(folder, "toy_base.safetensors"), model, autoencoder,
-                               {"steps": str(study.base_steps)})
-    torch.save({"latents": latents, "controls": controls, "heldout_controls": heldout_controls},
-               os.path.join(folder, "data.pt"))
-    uncontrolled, base_pictures = score(autoencoder, sample(model, study.heldout_pictures, study), heldout_controls)
-    release_comfy_models()
-    ceiling = toy_shapes.edge_iou(reconstructed, heldout_controls, canny).tolist()
-    world = {
-        "cpu_s": {"data": drawn - started, "autoencoder": encoded - drawn, "base": based - encoded},
-        "autoencoder_final_l1": autoencoder_loss,
-        "base_loss_first_last_100": [float(np.mean(base_losses[:100])), float(np.mean(base_losses[-100:]))],
-        "base_parameters": sum(p.numel() for p in model.model.diffusion_model.parameters()),
-        "uncontrolled_iou": uncontrolled,
-        "reconstruction_iou": ceiling,
-        "pictures": (heldout * 255).round().to(torch.uint8).numpy(),
-        "controls": (heldout_controls * 255).round().to(torch.uint8).numpy(),
-        "base_samples": (base_pictures * 255).round().to(torch.uint8).numpy(),
-    }
-    torch.save(world, summary_path)
-    return world
 
 
 def steps_to_fraction(steps: list[int], values: list[float], final: float, start: float, fraction: float = 0.9):
@@ -596,11 +373,8 @@ def table(summary: dict) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full",
-                        help="full: the study; quick: a one-minute smoke run (CI); server: the world and one "
-                             "ControlNeXt for tests/test_host_convergence.py (with --release)")
+                        help="full: the study; quick: a one-minute smoke run (CI)")
     parser.add_argument("--quick", action="store_const", dest="preset", const="quick", help="--preset quick")
-    parser.add_argument("--release", help="save the first seed's ControlNeXt here as a release, and the toy base "
-                                          "beside it (toy_base.safetensors)")
     parser.add_argument("--workers", type=int, default=2, help="training runs at once (one torch thread each)")
     parser.add_argument("--results", default=RESULTS, help="folder for convergence.json and convergence.md")
     parser.add_argument("--figures", default=FIGURES, help="folder for the plot and the sample grid")
@@ -625,13 +399,8 @@ def main(argv=None) -> None:
         torch.set_num_threads(1)
         print(f"world built: {world['cpu_s']} CPU s; uncontrolled IoU {np.mean(world['uncontrolled_iou']):.3f}, "
               f"reconstruction IoU {np.mean(world['reconstruction_iou']):.3f}", flush=True)
-        jobs = [{"method": m, "seed": s, "world": folder, "study": dataclasses.asdict(study),
-                 "release": os.path.join(args.release, "controlnext") if args.release and s == study.seeds[0] and
-                 m == study.methods[0] else None}
+        jobs = [{"method": m, "seed": s, "world": folder, "study": dataclasses.asdict(study)}
                 for s in study.seeds for m in study.methods]
-        if args.release:
-            os.makedirs(args.release, exist_ok=True)
-            shutil.copy(os.path.join(folder, "toy_base.safetensors"), args.release)
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=context,
                                                     initializer=_worker_setup) as pool:

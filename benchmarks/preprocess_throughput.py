@@ -3,9 +3,9 @@ DWPose and Depth Anything per frame.
 
 No DWPose or Depth Anything weights are on this machine (nothing is downloaded), so pose and
 depth run the pack's whole per-frame pipeline around the tests' stand-in networks: for DWPose the
-planted detector/pose TorchScript models of tests/test_preprocess_dwpose.py (one person per frame:
+planted detector/pose TorchScript models of controlnext_testbed/tiny_preprocessors.py (one person per frame:
 letterbox, crop, SimCC decode, keypoint order) and the official drawing on its 2160 px canvas;
-for depth the tiny random Depth Anything of tests/test_host_preprocess.py (resize, normalise,
+for depth its tiny random Depth Anything (resize, normalise,
 upsample, colourise). The figures are the pack's own cost per frame; a real YOLOX-L + RTMPose-L
 or Depth-Anything-V2-Small adds its network time on top.
 
@@ -44,7 +44,7 @@ def canny(frames: int, size: int, runs: int) -> dict:
 def pose(frames: int, size: int, runs: int) -> dict:
     from controlnext_core.preprocess.dwpose import DWPoseDetector
     from controlnext_core.preprocess.pose import draw_poses
-    from test_preprocess_dwpose import PlantedDetector, PlantedPose, save_torchscript
+    from controlnext_testbed.tiny_preprocessors import PlantedDetector, PlantedPose, save_torchscript
 
     folder = tempfile.mkdtemp(prefix="controlnext_bench_dwpose_")
     detector = save_torchscript(PlantedDetector(320.0, 320.0, 200.0, 400.0), torch.rand(1, 3, 640, 640) * 255,
@@ -59,14 +59,14 @@ def pose(frames: int, size: int, runs: int) -> dict:
     detect_s = preprocessors.median_seconds(lambda: estimator.detect(images), torch.device("cpu"), runs)
     draw_s = preprocessors.median_seconds(lambda: draw_poses(detected, size, size), torch.device("cpu"), runs)
     return {"frames": frames, "size": size, "runs": runs, "people_per_frame": detected[0].people,
-            "networks": "planted stand-ins (tests/test_preprocess_dwpose.py)",
+            "networks": "planted stand-ins (controlnext_testbed/tiny_preprocessors.py)",
             "detect_ms_per_frame": 1000 * detect_s / frames, "draw_ms_per_frame": 1000 * draw_s / frames,
             "fps": frames / (detect_s + draw_s)}
 
 
 def depth(frames: int, size: int, runs: int) -> dict:
     from controlnext_core.preprocess.depth import DepthEstimator, depth_control
-    from test_host_preprocess import tiny_depth_anything
+    from controlnext_testbed.tiny_preprocessors import tiny_depth_anything
 
     folder = tempfile.mkdtemp(prefix="controlnext_bench_depth_")
     tiny_depth_anything(folder)
@@ -75,7 +75,7 @@ def depth(frames: int, size: int, runs: int) -> dict:
     seconds = preprocessors.median_seconds(lambda: depth_control(estimator.estimate(images), "viridis", "batch"),
                                            torch.device("cpu"), runs)
     return {"frames": frames, "size": size, "runs": runs, "model_input": estimator.size,
-            "networks": "tiny random Depth Anything (tests/test_host_preprocess.py)",
+            "networks": "tiny random Depth Anything (controlnext_testbed/tiny_preprocessors.py)",
             "ms_per_frame": 1000 * seconds / frames, "fps": frames / seconds}
 
 

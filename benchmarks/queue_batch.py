@@ -41,10 +41,11 @@ ENCODER_LAYOUT = "base"  # the encoder file the workflow names: the SDXL release
 def start_servers(count: int, folder: str) -> list:
     """``count`` test servers, started side by side (each spends seconds importing nodes)."""
     if TESTS not in sys.path:
-        sys.path.insert(0, TESTS)
+        sys.path.insert(0, TESTS)  # the tests' server harness and nodes
+        sys.path.append(ROOT)  # controlnext_testbed
     import safetensors.torch
 
-    from builders import random_encoder_state_dict
+    from controlnext_testbed.official_layouts import random_encoder_state_dict
     from server import ComfyServer, make_base_directory
 
     with open(WORKFLOW, encoding="utf-8") as file:

@@ -1,6 +1,6 @@
 """How far the opt-in refresh-every-k-steps mode moves a sampling result from the exact mode.
 
-On the tests' shallow random-weight SD1.5 and SDXL UNets (tests/tiny_unet.py) with a random
+On the tests' shallow random-weight SD1.5 and SDXL UNets (controlnext_testbed/tiny_unet.py) with a random
 official-layout encoder: the same seed sampled bare, with exact ControlNeXt, and with
 ``refresh_every`` = k. The deviation is reported against the control's own effect,
 |refresh - exact| / |exact - bare| (L2 over the final latent), and against the result,
@@ -26,7 +26,7 @@ LAYOUTS = {"sd15": "mid", "sdxl": "base"}
 
 def sample(model, family: str, steps: int, sampler: str, size: int) -> torch.Tensor:
     import comfy.sample
-    from tiny_unet import conditioning
+    from controlnext_testbed.tiny_unet import conditioning
 
     generator = torch.Generator().manual_seed(11)
     noise = torch.randn(1, 4, size, size, generator=generator)
@@ -60,11 +60,11 @@ def main() -> None:
     args = parser.parse_args()
     comfy_host.setup("cpu")
     torch.set_num_threads(1)  # as the timed benchmarks: steady on a shared machine (nothing here is timed)
-    from tiny_unet import tiny_model
+    from controlnext_testbed.tiny_unet import tiny_model
 
     ks = [2] if args.quick else [2, 3, 4]
     steps, size = (3, 8) if args.quick else (16, 8)
-    result = {"models": "tests/tiny_unet.py shallow random-weight UNets (fp32), random encoders", "families": {}}
+    result = {"models": "controlnext_testbed/tiny_unet.py shallow random-weight UNets (fp32), random encoders", "families": {}}
     for family, layout in LAYOUTS.items():
         file = comfy_host.controlnext_file(layout)
         image = comfy_host.control_image(1, size * 8, size * 8)

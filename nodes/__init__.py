@@ -4,6 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from .apply import ApplyControlNeXt
+from .demo import DEMO_NODES
 from .loaders import LoadControlNeXt, LoadControlNeXtUNetWeights
 from .preprocessors import PREPROCESSOR_NODES
 from .schedule import SCHEDULE_NODES
@@ -15,7 +16,7 @@ class ControlNeXtExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [LoadControlNeXt, ApplyControlNeXt, LoadControlNeXtUNetWeights,
                 LoadControlNeXtSVD, ApplyControlNeXtSVD, ControlNeXtSVDWindowGuider, AlignPoses,
-                *SCHEDULE_NODES, *PREPROCESSOR_NODES, *TRAIN_NODES]
+                *SCHEDULE_NODES, *PREPROCESSOR_NODES, *TRAIN_NODES, *DEMO_NODES]
 
 
 def comfy_entrypoint() -> ControlNeXtExtension:

@@ -19,9 +19,9 @@ import comfy.sample  # noqa: E402
 import folder_paths  # noqa: E402
 import safetensors.torch  # noqa: E402
 
-from builders import random_encoder_state_dict  # noqa: E402
-from pack_import import import_pack  # noqa: E402
-from tiny_unet import UNET_CONFIGS, conditioning, real_size_model_on_meta, tiny_model  # noqa: E402,F401
+from controlnext_testbed.official_layouts import random_encoder_state_dict  # noqa: E402
+from controlnext_testbed.comfy_library import import_pack  # noqa: E402
+from controlnext_testbed.tiny_unet import UNET_CONFIGS, conditioning, real_size_model_on_meta, tiny_model  # noqa: E402,F401
 
 PACK_NAME = "comfyui_controlnext_under_test"
 

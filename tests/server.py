@@ -176,8 +176,8 @@ def install_official_model_files(base: str, ordinary_controlnet: bool = True) ->
     import safetensors.torch
     import torch
 
-    from builders import random_encoder_state_dict
-    from tiny_preprocessors import tiny_depth_anything
+    from controlnext_testbed.official_layouts import random_encoder_state_dict
+    from controlnext_testbed.tiny_preprocessors import tiny_depth_anything
 
     controlnext = os.path.join(base, "models", "controlnext")
     for name, layout in CONTROLNEXT_FILES.items():
@@ -227,7 +227,7 @@ def tiny_release_unet(family: str, keep=None, deltas: bool = False, change: floa
 def install_dwpose_models(folder: str) -> None:
     import torch
 
-    from tiny_preprocessors import PlantedDetector, PlantedPose, save_torchscript
+    from controlnext_testbed.tiny_preprocessors import PlantedDetector, PlantedPose, save_torchscript
 
     generator = torch.Generator().manual_seed(2)
     save_torchscript(PlantedDetector(320.0, 320.0, 240.0, 480.0), torch.zeros(1, 3, 640, 640),
@@ -243,7 +243,7 @@ def tiny_ordinary_controlnet() -> dict:
     import torch
 
     import comfy.cldm.cldm
-    from tiny_unet import UNET_CONFIGS
+    from controlnext_testbed.tiny_unet import UNET_CONFIGS
 
     config = {k: v for k, v in UNET_CONFIGS["sd15"].items() if k not in ("out_channels", "transformer_depth_output")}
     control = comfy.cldm.cldm.ControlNet(hint_channels=3, num_head_channels=64, device="meta", **config)

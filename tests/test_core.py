@@ -12,7 +12,7 @@ import torch
 from torch.nn import functional as F
 
 import controlnext_core as cn
-from builders import OFFICIAL_KEYS, random_encoder_state_dict
+from controlnext_testbed.official_layouts import OFFICIAL_KEYS, random_encoder_state_dict
 
 SPEC_ROWS = {  # (family, layout): (pool first, eps, k), as the README's injection table gives them
     ("sd15", "mid"): (True, 1e-12, 1.0),

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import controlnext_core as cn
-from builders import random_encoder_state_dict
+from controlnext_testbed.official_layouts import random_encoder_state_dict
 from controlnext_core.video import control_frames, fusion_weights, linear_guidance, plan_windows, resample_frames
 
 

@@ -17,7 +17,7 @@ import torch
 
 import host  # skips this module without a ComfyUI host
 from host import assert_close, conditioning, control_image, count_encoder_runs, sample
-from pack_import import import_pack
+from controlnext_testbed.comfy_library import import_pack
 from test_host_reliability_nodes import cheap_model
 
 import folder_paths

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from conftest import COMFYUI_PATH
-from tiny_preprocessors import PlantedPose, RandomDetector, save_torchscript, tiny_depth_anything
+from controlnext_testbed.tiny_preprocessors import PlantedPose, RandomDetector, save_torchscript, tiny_depth_anything
 
 nodes = host.importlib.import_module(f"{host.PACK_NAME}.nodes.preprocessors")
 pack_nodes = host.importlib.import_module(f"{host.PACK_NAME}.nodes")

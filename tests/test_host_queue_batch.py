@@ -26,7 +26,7 @@ import host  # noqa: F401  (skips this module without a ComfyUI host; before the
 import numpy as np  # noqa: E402
 import safetensors.torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from builders import random_encoder_state_dict  # noqa: E402
+from controlnext_testbed.official_layouts import random_encoder_state_dict  # noqa: E402
 from conftest import PACK_ROOT  # noqa: E402
 from server import ComfyServer, make_base_directory  # noqa: E402
 

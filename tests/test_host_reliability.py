@@ -16,7 +16,7 @@ import torch
 import host  # skips this module without a ComfyUI host
 from host import apply, assert_close, conditioning, control_image, loaded, tiny_model
 from test_host_reliability_nodes import CHEAP_CONFIGS, cheap_model, randomise
-from tiny_unet import SVD_CONFIG
+from controlnext_testbed.tiny_unet import SVD_CONFIG
 
 import comfy.cldm.cldm
 import comfy.controlnet

@@ -28,7 +28,7 @@ except ImportError:  # collected by pytest without a ComfyUI host
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.realpath(__file__)))
-from tiny_unet import UNET_CONFIGS, conditioning  # noqa: E402
+from controlnext_testbed.tiny_unet import UNET_CONFIGS, conditioning  # noqa: E402
 
 CHEAP_CONFIGS = {
     "sd15": dict(UNET_CONFIGS["sd15"], num_res_blocks=[1, 1], channel_mult=[1, 1], transformer_depth=[1, 0],

@@ -24,7 +24,7 @@ import host  # noqa: F401  (skips this module without a ComfyUI host)
 import safetensors.torch  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from builders import random_encoder_state_dict  # noqa: E402
+from controlnext_testbed.official_layouts import random_encoder_state_dict  # noqa: E402
 from conftest import COMFYUI_PATH, PACK_ROOT  # noqa: E402
 from server import ComfyServer, execution_error, make_base_directory  # noqa: E402
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import host  # skips this module without a ComfyUI host
-from builders import random_encoder_state_dict
+from controlnext_testbed.official_layouts import random_encoder_state_dict
 from conftest import COMFYUI_PATH
 from server import PACK_LINK_NAME, ComfyServer, comfy_command, execution_error, make_base_directory, read_log
 

@@ -8,7 +8,7 @@ import torch
 import host  # skips this module without a ComfyUI host
 from host import apply, assert_close, conditioning, control_image, count_encoder_runs, sample, tiny_model
 from test_host_reliability_nodes import cheap_model, randomise
-from tiny_unet import UNET_CONFIGS
+from controlnext_testbed.tiny_unet import UNET_CONFIGS
 
 import comfy.cldm.cldm
 import comfy.controlnet

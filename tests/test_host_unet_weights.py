@@ -8,7 +8,7 @@ import safetensors.torch
 import torch
 
 import host  # skips this module without a ComfyUI host
-from builders import OFFICIAL_KEYS
+from controlnext_testbed.official_layouts import OFFICIAL_KEYS
 from host import models_folder, real_size_model_on_meta, sample, tiny_model  # noqa: F401 (models_folder: a fixture)
 
 import comfy.lora

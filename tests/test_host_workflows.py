@@ -4,8 +4,10 @@ The workflows run as shipped but for one substitution, documented in tests/serve
 (``runnable_on_tiny_models``): the checkpoint loaders become test nodes building tiny models with
 ComfyUI's own classes, since ComfyUI only recognises full-size checkpoints. Every other node,
 input and file name is the file's own; the ControlNeXt and ControlNet files are tiny random
-ones under the official names. Image size and steps are made small with the command's --set,
-which also points the DWPose nodes at TorchScript stand-ins of the ONNX files the workflows name.
+ones under the official names, and the demo's toy base and ControlNeXt untrained ones under the
+names python -m controlnext_demo installs (tests/test_host_demo.py runs trained ones). Image size
+and steps are made small with the command's --set, which also points the DWPose nodes at
+TorchScript stand-ins of the ONNX files the workflows name.
 """
 from __future__ import annotations
 
@@ -24,8 +26,12 @@ import pytest
 
 import host  # noqa: F401  (skips this module without a ComfyUI host; before the host's packages below)
 import numpy as np  # noqa: E402
+import safetensors.torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from conftest import PACK_ROOT  # noqa: E402
+from controlnext_demo.cli import INSTALLED_BASE, INSTALLED_RELEASE  # noqa: E402
+from controlnext_testbed import toy_shapes  # noqa: E402
+from controlnext_testbed.official_layouts import random_encoder_state_dict  # noqa: E402
 from server import (CONTROLNEXT_FILES, DWPOSE_FILES, ORDINARY_CONTROLNET, PACK_LINK_NAME,  # noqa: E402
                     SD15_UNET_SUBSET, SDXL_UNET_DELTAS, SVD_UNET, ComfyServer, install_official_model_files, make_base_directory,
                     queue_command, runnable_on_tiny_models)
@@ -45,6 +51,7 @@ WORKFLOW_IMAGES = {
     "ControlNeXt SDXL Canny + Depth": ("Photo",),
     "ControlNeXt SD1.5 Training": ("Test Photo",),
     "ControlNeXt SDXL Training": ("Test Photo",),
+    "ControlNeXt Toy Shapes Demo": ("Shapes Picture",),
 }
 TRAINING_PICTURES = "controlnext_training"  # the folder in input/ the training templates read
 DRIVING_FRAMES = 6
@@ -69,6 +76,11 @@ for _training in ("ControlNeXt SD1.5 Training", "ControlNeXt SDXL Training"):
     RUNS[_training] = (SMALL + settings("Training Pictures.resolution=64", "Train ControlNeXt.steps=2",
                                         "Train ControlNeXt.batch_size=2", "Save ControlNeXt.overwrite=true"),
                        "KSampler", 1)
+DEMO = "ControlNeXt Toy Shapes Demo"
+RUNS[DEMO] = (settings("Without Control.steps=2", "With Control.steps=2"), "With Control", 1)
+# (height, width) of the saved pictures: 64x64, but the demo's three panels side by side (2 px apart), 4x larger
+SAVED_SIZES = {name: (64, 64) for name in WORKFLOW_IMAGES} | {DEMO: (4 * 64, 4 * (3 * 64 + 2 * 2))}
+DEMO_CONTROLNEXT = f"{INSTALLED_RELEASE}/controlnet.safetensors"
 SAVE_NODES = ("SaveImage", "SaveAnimatedWEBP")
 MODEL_INPUTS = ("ckpt_name", "controlnext_name", "unet_name", "control_net_name", "detector_model", "pose_model",
                 "depth_model")
@@ -79,6 +91,7 @@ def server(tmp_path_factory):
     base = make_base_directory(str(tmp_path_factory.mktemp("workflows_base")))
     install_official_model_files(base)
     install_training_pictures(os.path.join(base, "input", TRAINING_PICTURES))
+    install_untrained_demo_files(os.path.join(base, "models"))
     running = ComfyServer(base).start()
     yield running
     running.stop()
@@ -113,6 +126,16 @@ def install_training_pictures(folder: str, count: int = 3) -> None:
         Image.fromarray(picture).save(os.path.join(folder, f"picture_{index}.png"))
     with open(os.path.join(folder, "picture_0.txt"), "w", encoding="utf-8") as file:
         file.write("a yellow block on a dark ground")
+
+
+def install_untrained_demo_files(models: str) -> None:
+    """The demo's toy base and ControlNeXt as python -m controlnext_demo names them, untrained."""
+    base = os.path.join(models, "checkpoints", INSTALLED_BASE)
+    os.makedirs(os.path.dirname(base), exist_ok=True)
+    toy_shapes.save_checkpoint(base, toy_shapes.new_base(), toy_shapes.ShapeAutoencoder(), {})
+    encoder = os.path.join(models, "controlnext", DEMO_CONTROLNEXT)
+    os.makedirs(os.path.dirname(encoder), exist_ok=True)
+    safetensors.torch.save_file(random_encoder_state_dict("base"), encoder)
 
 
 def start_queue(*args: str) -> subprocess.Popen:
@@ -220,7 +243,8 @@ def test_official_file_names_are_the_ones_the_server_has():
     used = {node["inputs"][key] for name in WORKFLOW_IMAGES
             for node in read_json(os.path.join(API_WORKFLOWS, f"{name}.json")).values()
             for key in ("controlnext_name", "unet_name", "control_net_name") if key in node["inputs"]}
-    assert used == set(CONTROLNEXT_FILES) | {SDXL_UNET_DELTAS, SD15_UNET_SUBSET, SVD_UNET, ORDINARY_CONTROLNET}
+    assert used == set(CONTROLNEXT_FILES) | {SDXL_UNET_DELTAS, SD15_UNET_SUBSET, SVD_UNET, ORDINARY_CONTROLNET,
+                    DEMO_CONTROLNEXT}
 
 
 @pytest.mark.parametrize("name", sorted(WORKFLOW_IMAGES))
@@ -237,7 +261,7 @@ def test_api_workflow_runs_from_the_shell(server, name, images, tmp_path):
         for frame in range(frames):
             picture.seek(frame)
             pixels = np.asarray(picture.convert("RGB"))
-            assert pixels.shape == (64, 64, 3) and pixels.std() > 0
+            assert pixels.shape == (*SAVED_SIZES[name], 3) and pixels.std() > 0
     for title in WORKFLOW_IMAGES[name]:
         assert f"'{title}'" in result.stderr and "uploaded" in result.stderr
     assert sampler in result.stderr and "2/2" in result.stderr  # the per-node progress bar

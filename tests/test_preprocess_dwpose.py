@@ -16,7 +16,7 @@ from controlnext_core import ControlNeXtError
 from controlnext_core.preprocess.dwpose import (DWPoseDetector, crop_person, decode_simcc, load_runner, nms,
                                                 onnx_input_shape, openpose_order, person_boxes)
 from controlnext_core.preprocess.pose import KEYPOINT_COUNT, draw_pose
-from tiny_preprocessors import ANCHORS, PlantedDetector, PlantedPose, RandomDetector, RandomPose, save_torchscript
+from controlnext_testbed.tiny_preprocessors import ANCHORS, PlantedDetector, PlantedPose, RandomDetector, RandomPose, save_torchscript
 
 
 @pytest.fixture(scope="module")

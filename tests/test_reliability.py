@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import controlnext_core as cn
-from builders import OFFICIAL_KEYS, random_encoder_state_dict
+from controlnext_testbed.official_layouts import OFFICIAL_KEYS, random_encoder_state_dict
 
 FAMILY_OF_LAYOUT = {"mid": "sd15", "base": "sdxl", "svd_v1": "svd"}
 

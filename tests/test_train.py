@@ -2,7 +2,6 @@
 denoiser that learns, divergence, and the release files it saves."""
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
@@ -11,8 +10,7 @@ from torch import nn
 
 import controlnext_core as cn
 from controlnext_core import train
-
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "official_keys.json")
+from controlnext_testbed.official_layouts import OFFICIAL_KEYS, random_encoder_state_dict
 
 
 class ToyDenoiser(nn.Module):
@@ -78,9 +76,8 @@ def test_schedule_and_targets_are_diffusers_ddpm():
 
 
 def test_official_unet_subsets_on_the_released_names():
-    keys = json.load(open(FIXTURES))
-    sd15 = list(keys["sd15_unet_subset"])
-    sdxl = list(keys["sdxl_unet_deltas"])
+    sd15 = list(OFFICIAL_KEYS["sd15_unet_subset"])
+    sdxl = list(OFFICIAL_KEYS["sdxl_unet_deltas"])
     assert train.trainable_unet_names(sd15, "sd15") == sd15  # attn1 and attn2 outputs: 64 tensors
     assert train.trainable_unet_names(sdxl, "sdxl") == sdxl  # attn2 outputs only: 140 tensors
     assert not [n for n in train.trainable_unet_names(sd15, "sdxl") if "attn1" in n]
@@ -108,7 +105,7 @@ def test_warmup_starts_at_zero_as_diffusers_constant_with_warmup():
 
 def test_only_the_base_layout_trains():
     with pytest.raises(cn.ControlNeXtError, match="official training code"):
-        train.Trainer(cn.load_encoder(__import__("builders").random_encoder_state_dict("mid")), {},
+        train.Trainer(cn.load_encoder(random_encoder_state_dict("mid")), {},
                       train.TrainingSettings(family="sd15", steps=1))
 
 
@@ -191,7 +188,6 @@ def test_saved_release_loads_back_identically_and_never_overwrites(tmp_path):
 
 
 def test_official_files_without_metadata_load_at_scale_one(tmp_path):
-    from builders import random_encoder_state_dict
     import safetensors.torch
 
     path = os.path.join(tmp_path, "controlnet.safetensors")

@@ -21,6 +21,7 @@ from controlnext_core.preprocess.canny import canny  # noqa: E402
 from controlnext_core.preprocess.depth import depth_control  # noqa: E402
 from controlnext_core.preprocess.mask import mask_control  # noqa: E402
 from controlnext_core.preprocess.pose import KEYPOINT_COUNT, PoseFrame, draw_pose  # noqa: E402
+from controlnext_testbed import toy_shapes  # noqa: E402
 
 SIZE = 384  # square: both editors fit it into a square card
 PANEL = (160, 230)  # two panels side by side, below the corner the newer editor covers with a badge
@@ -239,6 +240,25 @@ def video_strip(fade_out: bool = False) -> np.ndarray:
     return strip
 
 
+def demo_strip() -> np.ndarray:
+    """The demo's side-by-side picture, drawn: a toy shapes picture's edges, a sample of the toy base
+    without them (soft blobs anywhere) and one with them (blobs gathered along the shapes)."""
+    rng = np.random.default_rng(0)
+    shapes, other = toy_shapes.draw_picture(rng), toy_shapes.draw_picture(rng)
+    panels = [pixels(canny(batch(shapes), *toy_shapes.CANNY_THRESHOLDS)),
+              np.asarray(Image.fromarray(other).filter(ImageFilter.GaussianBlur(4))),
+              np.asarray(Image.fromarray(shapes).filter(ImageFilter.GaussianBlur(2.5)))]
+    width, gap = 2 * PANEL[0] + 32, 8
+    side = (width - 2 * gap) // 3
+    strip = np.full((PANEL[1], width, 3), BACKGROUND, dtype=np.uint8)
+    top = (PANEL[1] - side) // 2
+    for index, panel in enumerate(panels):
+        resample = Image.NEAREST if index == 0 else Image.BICUBIC
+        x = index * (side + gap)
+        strip[top:top + side, x:x + side] = np.asarray(Image.fromarray(panel).resize((side, side), resample))
+    return strip
+
+
 # Template name -> (its pictures, one line on what it does).
 def training_pair(painting) -> list[np.ndarray]:
     """Left: your pictures over their edges (what training learns from); right: a picture the trained
@@ -266,6 +286,7 @@ TEMPLATES = {
     "ControlNeXt SD1.5 Training": (lambda: training_pair(stone_tower), "Train your own control on your pictures (SD1.5)"),
     "ControlNeXt SDXL Training": (lambda: training_pair(lambda size: anime_portrait(size, True)),
                                   "Train your own control on your pictures (SDXL)"),
+    "ControlNeXt Toy Shapes Demo": (demo_strip, "Try it: a toy model trained here, without and with control"),
 }
 
 

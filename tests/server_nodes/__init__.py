@@ -7,11 +7,11 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
-from tiny_unet import conditioning, tiny_model  # noqa: E402
+# the checkout's root, for controlnext_testbed; appended, so it never shadows ComfyUI's own modules
+sys.path.append(os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__)))))
+from controlnext_testbed.tiny_unet import conditioning, tiny_model  # noqa: E402
 
 from .tiny_checkpoint import TinyCheckpoint, TinyImageOnlyCheckpoint  # noqa: E402
-from .toy_shapes_nodes import ToyShapesCheckpoint, ToyShapesDecode  # noqa: E402
 
 
 class TinyModel:
@@ -47,6 +47,4 @@ class LatentAsImage:
 
 NODE_CLASS_MAPPINGS = {"ControlNeXtTestTinyModel": TinyModel, "ControlNeXtTestLatentAsImage": LatentAsImage,
                        "ControlNeXtTestTinyCheckpoint": TinyCheckpoint,
-                       "ControlNeXtTestTinyImageOnlyCheckpoint": TinyImageOnlyCheckpoint,
-                       "ControlNeXtTestToyShapesCheckpoint": ToyShapesCheckpoint,
-                       "ControlNeXtTestToyShapesDecode": ToyShapesDecode}
+                       "ControlNeXtTestTinyImageOnlyCheckpoint": TinyImageOnlyCheckpoint}

@@ -22,7 +22,7 @@ import comfy.taesd.taesd
 import comfy.model_management
 import comfy.model_patcher
 
-from tiny_unet import MODEL_CONFIG_CLASSES, UNET_CONFIGS
+from controlnext_testbed.tiny_unet import MODEL_CONFIG_CLASSES, UNET_CONFIGS
 
 # The official base checkpoint names the workflows use, and the family each stands for.
 OFFICIAL_CHECKPOINTS = {"v1-5-pruned-emaonly.safetensors": "sd15", "sd_xl_base_1.0.safetensors": "sdxl"}

@@ -1,8 +1,8 @@
 """Random-weight files in the official layouts; shared by the tests and the benchmarks.
 
-Key names and shapes come from ``fixtures/official_keys.json`` (taken from the official
+Key names and shapes come from ``official_keys.json`` beside this file (taken from the official
 ControlNeXt modules), never from our own modules, so a loader that drifts from the official
-layout fails here.
+layout fails here. Plain torch: no ComfyUI needed.
 """
 from __future__ import annotations
 
@@ -12,9 +12,7 @@ import os
 
 import torch
 
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
-
-with open(os.path.join(FIXTURES, "official_keys.json")) as _file:
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "official_keys.json")) as _file:
     OFFICIAL_KEYS: dict[str, dict[str, list[int]]] = json.load(_file)
 
 LAYOUT_FIXTURE = {"base": "encoder_base", "mid": "encoder_mid", "svd_v1": "encoder_svd_v1"}

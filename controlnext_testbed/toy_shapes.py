@@ -1,7 +1,7 @@
-"""The toy world of the convergence study (benchmarks/convergence.py) and of the server test that
-drives a trained toy ControlNeXt (tests/test_host_convergence.py): pictures of simple shapes drawn
-in code, their canny controls, a small autoencoder and an SD1.5-layout base UNet built with
-ComfyUI's own classes, saved together as one "toy checkpoint" file.
+"""The pieces of the toy world of the convergence study (benchmarks/convergence.py) and of the demo
+(python -m controlnext_demo; toy_world.py trains them): pictures of simple shapes drawn in code,
+their canny controls, a small autoencoder and an SD1.5-layout base UNet built with ComfyUI's own
+classes, saved together as one "toy checkpoint" file.
 
 Scale (README, Benchmarks: "Convergence"): 64x64 pictures, 8x8x4 latents. The SD1.5 training
 layout injects after the UNet's first down block, where the encoder gives 320 channels, and
@@ -13,7 +13,7 @@ field: the base did its work there and left the path through the injection point
 (a perturbation the size of the hidden state after the first down block moved its output by about
 1 %), and no ControlNeXt trained on it moved its samples. Without it, conv_in feeds the down block
 directly and the work goes through the injection point, as in the real SD1.5 UNet at 64x64 latents.
-Imports ComfyUI: only import it where a host is on sys.path.
+The base needs ComfyUI on sys.path (imported there); the pictures and the autoencoder do not.
 """
 from __future__ import annotations
 
@@ -25,10 +25,6 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 from torch.nn import functional as F
-
-import comfy.model_management
-import comfy.model_patcher
-import comfy.supported_models
 
 PICTURE = 64  # pixels; latents are PICTURE // 8
 CONTEXT_DIM = 64
@@ -150,9 +146,13 @@ def init_like_torch(module: nn.Module) -> None:
                 break
 
 
-def new_base(dtype: torch.dtype = torch.float32, state: dict | None = None) -> comfy.model_patcher.ModelPatcher:
-    """The toy base as a ComfyUI MODEL (an SD1.5 model config, ComfyUI's UNetModel): PyTorch's
-    default initialisation with the output conv at zero, or the weights in ``state``."""
+def new_base(dtype: torch.dtype = torch.float32, state: dict | None = None):
+    """The toy base as a ComfyUI MODEL (a ModelPatcher; an SD1.5 model config, ComfyUI's UNetModel):
+    PyTorch's default initialisation with the output conv at zero, or the weights in ``state``."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
     model_config = comfy.supported_models.SD15(dict(UNET_CONFIG))
     model_config.set_inference_dtype(dtype, None)
     base = model_config.get_model({})
@@ -184,6 +184,15 @@ def save_checkpoint(path: str, model, autoencoder: ShapeAutoencoder, metadata: d
                for k, v in model.model.diffusion_model.state_dict().items()}
     tensors.update({AUTOENCODER_PREFIX + k: v.detach().float().contiguous() for k, v in autoencoder.state_dict().items()})
     safetensors.torch.save_file(tensors, path, metadata=metadata)
+
+
+def is_checkpoint(path: str) -> bool:
+    """Whether the file holds ``save_checkpoint``'s keys (read without loading its tensors)."""
+    if not path.endswith(".safetensors"):
+        return False
+    with safetensors.safe_open(path, "pt") as file:
+        keys = list(file.keys())
+    return any(k.startswith(UNET_PREFIX) for k in keys) and any(k.startswith(AUTOENCODER_PREFIX) for k in keys)
 
 
 def load_checkpoint(path: str, dtype: torch.dtype = torch.float32):

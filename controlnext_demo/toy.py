@@ -1,0 +1,121 @@
+"""The demo's trained toy world: the convergence study's toy base (controlnext_testbed/toy_world.py)
+and a canny ControlNeXt trained on it by the pack's own Train ControlNeXt node, kept in a cache
+folder under a digest of the code that trains them (a change to that code trains them again).
+
+Needs ComfyUI on sys.path (controlnext_testbed.comfy_library.use_comfyui).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import torch
+
+from controlnext_testbed import comfy_library, toy_shapes, toy_world
+
+BASE_FILE = "toy_shapes_base.safetensors"
+RELEASE_FOLDER = "toy_shapes_canny"  # holds controlnet.safetensors, as Save ControlNeXt writes a release
+REPORT_FILE = "trained.json"
+# What the trained files depend on: a change to any of these trains them again.
+TRAINING_SOURCES = ("controlnext_demo/toy.py", "controlnext_testbed/toy_shapes.py", "controlnext_testbed/toy_world.py",
+                    "controlnext_core", "nodes")
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    world: toy_world.World
+    controlnext_steps: int
+    controlnext_batch: int
+
+
+PRESETS = {
+    # the world of a few minutes on two CPU cores and an encoder-only ControlNeXt at the official
+    # SD1.5 recipe (the convergence study's encoder-only run is at 90 % of its final score by step 200)
+    "demo": Preset(toy_world.World(train_pictures=1024, heldout_pictures=16, autoencoder_steps=800,
+                                   autoencoder_batch=32, base_steps=300, base_batch=16, base_lr=3e-4,
+                                   sampler_steps=10),
+                   controlnext_steps=600, controlnext_batch=4),
+    # every piece at a few steps: a smoke run of the command, barely trained
+    "quick": Preset(toy_world.World(train_pictures=64, heldout_pictures=2, autoencoder_steps=20, autoencoder_batch=8,
+                                    base_steps=10, base_batch=4, base_lr=3e-4, sampler_steps=2),
+                    controlnext_steps=3, controlnext_batch=2),
+}
+
+
+def training_digest() -> str:
+    digest = hashlib.sha256()
+    for source in TRAINING_SOURCES:
+        path = os.path.join(comfy_library.PACK_ROOT, source)
+        files = [path] if os.path.isfile(path) else sorted(
+            os.path.join(folder, name) for folder, _, names in os.walk(path) for name in names if name.endswith(".py"))
+        for file in files:
+            digest.update(os.path.relpath(file, comfy_library.PACK_ROOT).encode())
+            with open(file, "rb") as handle:
+                digest.update(handle.read())
+    return digest.hexdigest()[:16]
+
+
+def cache_folder(cache: str, preset: str) -> str:
+    """Where ``trained_toy_world`` keeps what the current code trains."""
+    return os.path.join(cache, f"toy-shapes-{preset}-{training_digest()}")
+
+
+def trained_toy_world(cache: str, preset: str) -> str:
+    """The folder holding the toy base (BASE_FILE), the trained ControlNeXt (RELEASE_FOLDER) and what
+    its training measured (REPORT_FILE); trained into ``cache`` the first time."""
+    folder = cache_folder(cache, preset)
+    if os.path.exists(os.path.join(folder, REPORT_FILE)):
+        return folder
+    print(f"training the toy world and its ControlNeXt into {folder} (once: about 6 minutes on two CPU cores)",
+          file=sys.stderr)
+    os.makedirs(cache, exist_ok=True)
+    staged = tempfile.mkdtemp(prefix=".training-", dir=cache)
+    try:
+        train(PRESETS[preset], staged)
+        try:
+            os.rename(staged, folder)  # whole or not at all: a run stopped midway leaves no half entry
+        except OSError:  # a concurrent run got there first
+            pass
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    return folder
+
+
+def train(preset: Preset, folder: str) -> None:
+    """World, then ControlNeXt through Train ControlNeXt (encoder only, the SD1.5 recipe), then the
+    held-out controls sampled with it at strength 1 (Apply ControlNeXt) and scored against the
+    uncontrolled base's samples of the same noise."""
+    nodes_train, apply = comfy_library.pack("nodes.train"), comfy_library.pack("nodes.apply")
+    save_release = comfy_library.pack("controlnext_core.train").save_release
+    started = time.process_time()
+    world_folder = os.path.join(folder, "world")
+    os.makedirs(world_folder)
+    world = toy_world.build_world(preset.world, world_folder)
+    model, autoencoder, data = toy_world.load_world(world_folder)
+    print(f"toy world built ({time.process_time() - started:.0f} CPU s); training a ControlNeXt "
+          f"({preset.controlnext_steps} steps)", file=sys.stderr, flush=True)
+    trained, patched, losses = nodes_train.TrainControlNeXt.execute(
+        model, {"samples": data["latents"]}, toy_shapes.conditioning(), data["controls"],
+        steps=preset.controlnext_steps, batch_size=preset.controlnext_batch, encoder_lr=1e-4, unet_lr=1e-5,
+        train_unet="none", optimizer="official", warmup_steps=0, control_scale=0.0, proportion_empty_prompts=0.0,
+        seed=0, gradient_checkpointing=False, precision="bf16").result
+    trained_s = time.process_time() - started
+    save_release(os.path.join(folder, RELEASE_FOLDER), trained.encoder, None, trained.metadata, overwrite=True)
+    applied = apply.ApplyControlNeXt.execute(patched, trained, data["heldout_controls"], 1.0, 0.0, 1.0).result[0]
+    controlled, _ = toy_world.score(autoencoder, toy_world.sample(applied, preset.world.heldout_pictures, preset.world),
+                                    data["heldout_controls"])
+    toy_world.release_comfy_models()
+    os.replace(os.path.join(world_folder, toy_world.BASE_FILE), os.path.join(folder, BASE_FILE))
+    shutil.rmtree(world_folder)  # the training data: not needed to run the template
+    report = {"preset": dataclasses.asdict(preset), "cpu_s": trained_s, "torch": torch.__version__,
+              "loss_first_last_10": [sum(losses["loss"][:10]) / len(losses["loss"][:10]),
+                                     sum(losses["loss"][-10:]) / len(losses["loss"][-10:])],
+              "heldout_iou": {"without": world["uncontrolled_iou"], "with": controlled}}
+    with open(os.path.join(folder, REPORT_FILE), "w") as file:
+        json.dump(report, file, indent=1)

@@ -9,7 +9,9 @@ the way ComfyUI imports a custom node folder; without it this module skips.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
+import re
 
 import pytest
 import safetensors.torch
@@ -135,3 +137,40 @@ def test_the_weights_uncond_multiplier_applies_and_per_layer_weights_are_refused
     soft = acn_weights.ScaledSoftUniversalWeights.execute(0.825).args[0]
     with pytest.raises(host.core.ControlNeXtError, match="ControlNeXt adds its control at one UNet block, so per-layer"):
         advanced_apply(control_net, image, weights=soft)
+
+
+def test_controls_chained_before_it_through_advanced_controlnet_still_act(loaded_control, tmp_path):
+    file, control_net = loaded_control
+    depth_file = host.loaded(tmp_path, "base", seed=5)
+    model, canny, depth = cheap_model(FAMILY), control_image(), control_image(seed=4)
+    ours = sample(apply(apply(model, depth_file, depth, 0.6), file, canny, 0.8), FAMILY)
+    conds = conditioning(FAMILY, 1), conditioning(FAMILY, 2)
+    for control, image, strength in ((interop.control_net_for(depth_file), depth, 0.6), (control_net, canny, 0.8)):
+        conds = acn_nodes.AdvancedControlNetApply.execute(*conds, control, image, strength, 0.0, 1.0).args
+    assert_close(run(model, conds), ours)
+
+
+@pytest.fixture
+def fresh_adoption():
+    """The Advanced-ControlNet class built again (and once more after the test), as at a new start."""
+    interop.advanced_control_class.cache_clear()
+    yield
+    interop.advanced_control_class.cache_clear()
+
+
+def test_a_release_this_pack_does_not_know_is_said_once_in_the_log(loaded_control, monkeypatch, caplog,
+                                                                 fresh_adoption):
+    file, _ = loaded_control
+    installed = interop.pack_version(interop.advanced_controlnet_module())
+    assert re.fullmatch(r"\d+\.\d+\.\d+", installed), installed  # read from the checkout's pyproject.toml
+    assert interop.unknown_version_note("1.5.8") is None and interop.unknown_version_note("1.4.0") is None
+    assert "(its pyproject.toml gives none)" in interop.unknown_version_note(None)
+    monkeypatch.setattr(interop, "pack_version", lambda module: "1.6.0")
+    with caplog.at_level(logging.WARNING, logger="ControlNeXt"):
+        controls = [interop.control_net_for(file) for _ in range(2)]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"ControlNeXt: {interop.unknown_version_note('1.6.0')}"]
+    assert caplog.records[0].getMessage().startswith(
+        "ControlNeXt: Advanced-ControlNet 1.6.0 is not a release this pack knows (it is written for the 1.4 and 1.5 "
+        "releases).")
+    assert all(acn_control.is_advanced_controlnet(control) for control in controls)  # adopted all the same

@@ -13,6 +13,7 @@ from controlnext_testbed.tiny_unet import UNET_CONFIGS
 import comfy.cldm.cldm
 import comfy.controlnet
 import comfy.model_management
+import comfy.utils
 import nodes as comfy_nodes
 
 patch_module = host.patch_module
@@ -119,3 +120,61 @@ def test_a_mid_and_a_base_file_on_sd15_with_a_controlnet_each_encode_once_per_st
     mixed = chain([(patch_module.ControlNeXtControlNet(files["canny"]), 0.6), (ordinary_controlnet, 0.5)], image)
     assert_close(sample(apply(model, files["mid"], image, 0.8), "sd15", batch=2, positive=mixed[0],
                         negative=mixed[1]), on_model)
+
+
+# --- a control image of another shape than the latent ------------------------------------------
+
+def encoder_inputs(file, monkeypatch) -> list:
+    """The images ``file``'s encoder receives, one batch per encoder run."""
+    images = []
+    original = file.encoder.features
+
+    def recording(image, timestep, inner_padding=1):
+        images.append(image.clone())
+        return original(image, timestep, inner_padding)
+
+    monkeypatch.setattr(file.encoder, "features", recording)
+    return images
+
+
+def controlnet_hints(control_model, monkeypatch) -> list:
+    """The hint images ComfyUI's ControlNet model receives, one batch per call."""
+    hints = []
+    original = control_model.forward
+
+    def recording(*args, **kwargs):
+        hints.append(kwargs["hint"].clone())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(control_model, "forward", recording)
+    return hints
+
+
+@pytest.mark.parametrize("height, width", [(40, 100), (100, 40), (30, 43), (20, 33), (30, 45), (64, 64)])
+def test_control_images_are_fitted_with_comfyuis_centre_crop(height, width):
+    image = torch.rand(2, 3, height, width, generator=torch.Generator().manual_seed(height * width))
+    for target_height, target_width in ((64, 64), (64, 96), (96, 64)):
+        assert torch.equal(host.core.fit_control(image, target_height, target_width),
+                           comfy.utils.common_upscale(image, target_width, target_height, "nearest-exact", "center"))
+
+
+def test_a_photo_of_another_shape_covers_the_same_region_as_for_the_controlnet_beside_it(files, ordinary_controlnet,
+                                                                                      monkeypatch):
+    """The 'SD1.5 + ControlNet' template with a wide photo on a square latent: the ControlNeXt sees
+    the centre crop the ControlNet sees, on both routes (it was stretched, the ControlNet's cut)."""
+    model = tiny_model("sd15")
+    wide = torch.rand(1, 40, 100, 3, generator=torch.Generator().manual_seed(8))
+    hints = controlnet_hints(ordinary_controlnet.control_model, monkeypatch)
+    encoded = encoder_inputs(files["mid"], monkeypatch)
+    chained = chain([(ordinary_controlnet, 0.5), (patch_module.ControlNeXtControlNet(files["mid"]), 0.8)], wide)
+    sample(model, "sd15", positive=chained[0], negative=chained[1], steps=1)
+    beside = chain([(ordinary_controlnet, 0.5)], wide)
+    applied = host.apply_module.ApplyControlNeXt.execute(model, files["mid"], wide, 0.8, 0.0, 1.0)
+    assert applied.ui["controlnext_detail"][1].startswith("control image 100x40: fitted to the generated size as "
+                                                          "ComfyUI's ControlNets fit theirs")
+    sample(applied.result[0], "sd15", positive=beside[0], negative=beside[1], steps=1)
+    assert len(hints) == 2 and len(encoded) == 2  # one step of each route, cond and uncond in one call
+    for hint in hints:
+        assert torch.equal(hint, hints[0][:1].expand_as(hint))
+    for image in encoded:
+        assert image.shape == (1, 3, 64, 64) and torch.equal(image, hints[0][:1])

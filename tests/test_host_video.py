@@ -6,9 +6,11 @@ import torch
 
 import host  # skips this module without a ComfyUI host
 from host import conditioning, control_image, count_encoder_runs, loaded, tiny_model
+from test_host_stacking import encoder_inputs
 
 import comfy.sample
 import comfy.samplers
+import comfy.utils
 
 video = host.importlib.import_module(f"{host.PACK_NAME}.nodes.video")
 patch_module = host.patch_module
@@ -77,6 +79,17 @@ def test_frame_count_mismatch_is_an_error_or_resampled(svd_file):
     out = sample_video(apply_svd(model, svd_file, control_image(batch=5), frame_count="resample"), 6, cfg=1.0,
                        steps=1)
     assert torch.isfinite(out).all()
+
+
+def test_poses_of_another_shape_are_cut_at_the_centre_as_comfyuis_controlnets_cut_them(svd_file, monkeypatch):
+    """Tall poses on a square video: each frame's pose is the centre crop ComfyUI's ControlNets (and
+    SVD's own conditioning) make, not the pose squeezed."""
+    poses = torch.rand(2, 96, 40, 3, generator=torch.Generator().manual_seed(5))
+    encoded = encoder_inputs(svd_file, monkeypatch)
+    sample_video(apply_svd(tiny_model("svd"), svd_file, poses), 2, cfg=1.0, steps=1)
+    (image,) = encoded
+    expected = comfy.utils.common_upscale(poses.movedim(-1, 1), 64, 64, "nearest-exact", "center")
+    assert torch.equal(image, expected)
 
 
 def test_bad_models_and_inputs_are_named(svd_file, tmp_path):

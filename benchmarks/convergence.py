@@ -88,7 +88,7 @@ def controlnext_samples(model, trainer, name: str, controls: torch.Tensor, study
     train, nodes_train = comfy_host.pack("controlnext_core.train"), comfy_host.pack("nodes.train")
     loaders, apply = comfy_host.pack("nodes.loaders"), comfy_host.pack("nodes.apply")
     unet_weights = comfy_host.pack("controlnext_core.unet_weights")
-    encoder = nodes_train._copy_encoder(trainer.encoder).eval().requires_grad_(False)  # training goes on
+    encoder = train.trainable_copy(trainer.encoder).eval().requires_grad_(False)  # training goes on
     encoder.control_scale = trainer.settings.control_scale
     names = nodes_train.diffusers_names(model)
     state = dict(model.model.diffusion_model.named_parameters())
@@ -204,7 +204,8 @@ def run(job: dict) -> dict:
         state = dict(unet.named_parameters())
         names = train.trainable_unet_names(state, "sd15") if train_unet else []
         trainer = train.Trainer(train.new_encoder(seed), {n: state[n] for n in names}, settings)
-        denoiser = nodes_train.ComfyDenoiser(model, "sd15")
+        denoiser = nodes_train.ComfyDenoiser(model, "sd15", names)
+        denoiser.train_through(trainer.unet_parameters)
 
         def step():
             indices = trainer.batch_indices(len(latents))
@@ -218,7 +219,7 @@ def run(job: dict) -> dict:
         parameters = trainer.trainable_parameters()
         result["trained_parameters"] = sum(p.numel() for p in parameters)
         optimizer_of = trainer.optimizer
-        contexts = [lambda: nodes_train.trained_weights_in(unet, trainer.unet_parameters)]
+        contexts = [lambda: denoiser.loaded(use_checkpointing=False)]  # loaded again after each sampling
 
     def evaluate(done: int) -> None:
         latents_out = samples()

@@ -168,14 +168,14 @@ class ControlNeXtStep:
         unet_state = dict(step.unet.named_parameters())
         names = train.trainable_unet_names(unet_state, step.family) if train_unet else []
         self.trainer = train.Trainer(train.new_encoder(0), {name: unet_state[name] for name in names}, settings)
-        self.denoiser = nodes_train.ComfyDenoiser(step.model, step.family)
+        self.denoiser = nodes_train.ComfyDenoiser(step.model, step.family, names)
+        self.denoiser.train_through(self.trainer.unet_parameters)
         self.batch = train.TrainingBatch(step.latents, step.controls, step.conditioning)
 
     def contexts(self, checkpointing: bool) -> list:
-        """What Train ControlNeXt's loop runs in: the trained weights read by the UNet, checkpointing."""
-        nodes_train = comfy_host.pack("nodes.train")
-        return [nodes_train.trained_weights_in(self.step.unet, self.trainer.unet_parameters),
-                nodes_train.gradient_checkpointing(self.step.unet, checkpointing)]
+        """What Train ControlNeXt's loop runs in: the MODEL's clone loaded with the trained weights as
+        weight wrappers, checkpointing."""
+        return [self.denoiser.loaded(checkpointing)]
 
     def __call__(self) -> float:
         return self.trainer.step(self.denoiser, self.batch, autocast_dtype=UNET_DTYPE)
@@ -283,12 +283,10 @@ def worker(args) -> None:
     core = comfy_host.pack("controlnext_core")
     started = time.perf_counter()
 
-    # ComfyUI loads checkpoints inside torch.inference_mode; Train ControlNeXt makes such weights
-    # usable in a backward pass (frozen) as its first step
-    with torch.inference_mode():
-        model = comfy_host.build_unet(family, args.quick, UNET_DTYPE)
+    # built outside inference mode: the ControlNet trained the usual way calls the UNet directly, which
+    # needs weights that can be saved for the backward pass
+    model = comfy_host.build_unet(family, args.quick, UNET_DTYPE)
     unet = model.model.diffusion_model
-    nodes_train.make_weights_trainable_through(unet)
     check_memory(model, controlnet_dtype)
     generator = torch.Generator().manual_seed(5)
     latent = pixels // patch.LATENT_SCALE
@@ -297,7 +295,7 @@ def worker(args) -> None:
                                    pixels, pixels)
     context_dim = model.model.model_config.unet_config["context_dim"]
     entries = [comfy_host.conditioning(family, context_dim, seed)[0] for seed in range(args.batch)]
-    conditioning = nodes_train._batch_conditioning(model, family, entries, latents.shape)
+    conditioning = nodes_train.batch_conditioning(model, family, entries, latents.shape)
     step = Step(model, family, latents, controls, conditioning)
 
     methods = {"bare": BareStep(step), "controlnext": ControlNeXtStep(step, True),

@@ -59,7 +59,8 @@ EMPTY_PROMPT = {"sd15": "PBH", "sdxl": ""}
 class TrainingSettings:
     family: str
     steps: int
-    batch_size: int = 1
+    batch_size: int = 1  # pictures computed at once; a step takes batch_size x gradient_accumulation_steps
+    gradient_accumulation_steps: int = 1
     encoder_lr: float | None = None  # None: the family's official value
     unet_lr: float | None = None
     train_unet: bool = True
@@ -91,6 +92,8 @@ class TrainingSettings:
             problems.append(f"steps is {settings.steps}: train for 1 step or more")
         if settings.batch_size < 1:
             problems.append(f"batch_size is {settings.batch_size}: use 1 or more")
+        if settings.gradient_accumulation_steps < 1:
+            problems.append(f"gradient_accumulation_steps is {settings.gradient_accumulation_steps}: use 1 or more")
         if settings.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer {settings.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
         if settings.prediction not in PREDICTIONS:
@@ -277,7 +280,7 @@ class Trainer:
         self.alphas_cumprod = schedule.to(self.device)
         self.generator = torch.Generator(device=self.device).manual_seed(self.settings.seed)  # noise, timesteps
         self.data_generator = torch.Generator().manual_seed(self.settings.seed)  # batches, empty prompts
-        self._order: list[int] = []
+        self.data_order: list[int] = []
         self.steps_done = 0
         self.losses: list[float] = []
 
@@ -287,13 +290,9 @@ class Trainer:
     def loss(self, denoiser: Denoiser, batch: TrainingBatch,
              autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
         """The official step's loss, with gradients to the encoder and the trained UNet weights."""
+        batch = self._with_draws([batch])[0]
         latents = batch.latents.to(self.device)
-        size = latents.shape[0]
-        noise = batch.noise if batch.noise is not None else torch.randn(
-            latents.shape, generator=self.generator, device=self.device, dtype=latents.dtype)
-        timesteps = batch.timesteps if batch.timesteps is not None else torch.randint(
-            0, TRAIN_TIMESTEPS, (size,), generator=self.generator, device=self.device)
-        noise, timesteps = noise.to(self.device), timesteps.to(self.device).long()
+        noise, timesteps = batch.noise.to(self.device), batch.timesteps.to(self.device).long()
         noisy = add_noise(latents, noise, timesteps, self.alphas_cumprod)
         target = noise if self.settings.prediction == "epsilon" else velocity(
             latents, noise, timesteps, self.alphas_cumprod)
@@ -309,17 +308,29 @@ class Trainer:
             prediction = denoiser(noisy, timesteps, batch.conditioning, inject)
         return F.mse_loss(prediction.float(), target.float(), reduction="mean")
 
-    def step(self, denoiser: Denoiser, batch: TrainingBatch, autocast_dtype: torch.dtype | None = None,
-             scaler: "torch.amp.GradScaler | None" = None) -> float:
-        """One optimiser step; raises TrainingDiverged (weights untouched) on a non-finite loss or gradient."""
+    def step(self, denoiser: Denoiser, batch: TrainingBatch | Sequence[TrainingBatch],
+             autocast_dtype: torch.dtype | None = None, scaler: "torch.amp.GradScaler | None" = None) -> float:
+        """One optimiser step over one batch, or over micro-batches whose gradients add up to the
+        step of their union (gradient accumulation: the noise and timesteps are drawn for the union,
+        as one batch of that size draws them). Raises TrainingDiverged (weights untouched) on a
+        non-finite loss or gradient."""
+        parts = self._with_draws([batch] if isinstance(batch, TrainingBatch) else list(batch))
+        total = sum(part.latents.shape[0] for part in parts)
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(denoiser, batch, autocast_dtype)
+        loss = torch.zeros((), device=self.device)
+        for part in parts:
+            part_loss = self.loss(denoiser, part, autocast_dtype) * (part.latents.shape[0] / total)
+            if not torch.isfinite(part_loss):
+                loss = part_loss
+                break
+            (scaler.scale(part_loss) if scaler is not None else part_loss).backward()
+            loss = loss + part_loss.detach()
         step_number = self.steps_done + 1
         if not torch.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
             raise TrainingDiverged(
                 f"The training loss became {float(loss)} at step {step_number}: training stopped there and kept the "
                 f"weights of step {self.steps_done}. Lower the learning rates, or train in fp32/bf16 instead of fp16.")
-        (scaler.scale(loss) if scaler is not None else loss).backward()
         if scaler is not None:
             scaler.unscale_(self.optimizer)
         parameters = self.trainable_parameters()
@@ -343,12 +354,33 @@ class Trainer:
         self.losses.append(float(loss.detach()))
         return self.losses[-1]
 
+    def _with_draws(self, parts: list[TrainingBatch]) -> list[TrainingBatch]:
+        """The parts with their noise and timesteps: drawn for all of them at once, noise first, as a
+        single batch of their total size draws them (so accumulation does not change the draws)."""
+        if all(part.noise is not None and part.timesteps is not None for part in parts):
+            return parts
+        sizes = [part.latents.shape[0] for part in parts]
+        first = parts[0].latents
+        noise = torch.randn((sum(sizes), *first.shape[1:]), generator=self.generator, device=self.device,
+                            dtype=first.dtype)
+        timesteps = torch.randint(0, TRAIN_TIMESTEPS, (sum(sizes),), generator=self.generator, device=self.device)
+        return [replace(part, noise=part.noise if part.noise is not None else part_noise,
+                        timesteps=part.timesteps if part.timesteps is not None else part_timesteps)
+                for part, part_noise, part_timesteps in zip(parts, noise.split(sizes), timesteps.split(sizes))]
+
     def batch_indices(self, count: int) -> list[int]:
-        """The next batch of sample indices: shuffled epochs, as the official data loaders draw them."""
-        while len(self._order) < self.settings.batch_size:
-            self._order += torch.randperm(count, generator=self.data_generator).tolist()
-        batch, self._order = self._order[:self.settings.batch_size], self._order[self.settings.batch_size:]
+        """The sample indices of the next step (``batch_size`` x ``gradient_accumulation_steps``):
+        shuffled epochs, as the official data loaders draw them."""
+        size = self.settings.batch_size * self.settings.gradient_accumulation_steps
+        while len(self.data_order) < size:
+            self.data_order += torch.randperm(count, generator=self.data_generator).tolist()
+        batch, self.data_order = self.data_order[:size], self.data_order[size:]
         return batch
+
+    def micro_batches(self, indices: Sequence[int]) -> list[list[int]]:
+        """A step's indices in the micro-batches that are computed one after the other."""
+        size = self.settings.batch_size
+        return [list(indices[start:start + size]) for start in range(0, len(indices), size)]
 
     def empty_prompt_mask(self, size: int) -> list[bool]:
         """Which samples of a batch train with the empty prompt (``proportion_empty_prompts``)."""

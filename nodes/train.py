@@ -12,6 +12,7 @@ import functools
 import logging
 import math
 import os
+import time
 
 import numpy as np
 import torch
@@ -39,7 +40,7 @@ UNET_CHOICES = ("official subset", "none")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 OFFICIAL = "official"  # the optimizer choice that takes the whole official recipe
-LOG_LINES = 20  # loss lines a run writes to the server log
+LOG_LINES, LOG_SECONDS = 20, 60.0  # a loss line in the server log 20 times a run, and at least once a minute
 
 
 class TrainedControlNeXt(ControlNeXtFile):
@@ -377,6 +378,8 @@ class TrainControlNeXt(io.ComfyNode):
                 f"'{controlnext.name}' has the layout of the SD1.5 releases, which the official training code does "
                 f"not train; continue a \"base\" layout file (SDXL releases, or one trained here), or start a new "
                 f"encoder.")
+        node_id, prompt = getattr(cls.hidden, "unique_id", None), getattr(cls.hidden, "prompt", None)  # None outside a server
+        check_saves_fed_by(prompt, node_id)
         scale, scale_note = control_scale_for(control_scale, controlnext)
         prediction, alphas_cumprod = training_objective(model)
         official = optimizer == OFFICIAL
@@ -391,14 +394,13 @@ class TrainControlNeXt(io.ComfyNode):
             check_conditioning(model, family, empty, "empty prompt's conditioning")
         with torch.inference_mode(False):  # weights that can be trained (nodes run under inference mode)
             encoder = new_encoder(settings.seed) if controlnext is None else trainable_copy(controlnext.encoder)
-        node_id = getattr(cls.hidden, "unique_id", None)  # None when called outside a server
         run = train(model, family, samples, images, positive, empty, settings, encoder, gradient_checkpointing,
                     _autocast_dtype(precision, model), alphas_cumprod, node_id)
         name = f"trained ControlNeXt ({family}, {run.trainer.steps_done} steps)"
         names = diffusers_names(model)
         file_weights = {names[key]: value for key, value in run.unet_file_weights.items()}
         metadata = release_metadata(family, settings.control_scale, run.trainer.steps_done,
-                                    base_model_name(getattr(cls.hidden, "prompt", None), node_id, model))
+                                    base_model_name(prompt, node_id, model))
         trained = TrainedControlNeXt(name, run.trainer.finish(), file_weights, metadata)
         patched = (patch_unet_weights_from(model, file_weights, name, 1.0, OFFICIAL_MODE[family]) if file_weights
                    else model.clone())
@@ -452,7 +454,7 @@ def train(model, family: str, samples: torch.Tensor, images: torch.Tensor, posit
                       else None)
             progress = comfy.utils.ProgressBar(settings.steps, node_id=node_id)
             message = f"Trained {settings.steps} steps."
-            log_every = max(1, settings.steps // LOG_LINES)
+            log_every, next_log = max(1, settings.steps // LOG_LINES), time.monotonic() + LOG_SECONDS
             for step in range(settings.steps):
                 if cancelled(progress, step, settings.steps):
                     message = f"Cancelled after {trainer.steps_done} of {settings.steps} steps; kept what was trained."
@@ -474,8 +476,9 @@ def train(model, family: str, samples: torch.Tensor, images: torch.Tensor, posit
                     break
                 text = f"step {step + 1}/{settings.steps}  loss {loss:.4f}"
                 _progress_text(text, node_id)
-                if (step + 1) % log_every == 0 or step + 1 == settings.steps:
+                if (step + 1) % log_every == 0 or step + 1 == settings.steps or time.monotonic() > next_log:
                     log.info("ControlNeXt training: %s", text)
+                    next_log = time.monotonic() + LOG_SECONDS
             else:
                 cancelled(progress, settings.steps, settings.steps)  # the full bar; a Cancel now has nothing to stop
             file_weights = release_unet_weights(trainer.trained_unet(), base_weights, family)
@@ -497,6 +500,29 @@ def release_folder(name: str) -> str:
     if not clean or os.path.isabs(clean) or ".." in clean.replace("\\", "/").split("/"):
         raise ControlNeXtError(f"'{name}' is not a folder name: use letters, digits and - _ (sub/folders allowed).")
     return os.path.join(folder_paths.get_folder_paths(FOLDER)[0], clean)
+
+
+def release_name_is_free(name: str, overwrite: bool) -> None:
+    folder = release_folder(name)
+    taken = sorted(file for file in os.listdir(folder) if file.endswith(".safetensors")) if os.path.isdir(folder) else []
+    if taken and not overwrite:
+        raise ControlNeXtError(f"models/controlnext/{name.strip()} already holds {', '.join(taken)}: choose another "
+                               f"name, or set overwrite.")
+
+
+def check_saves_fed_by(prompt: dict | None, node_id) -> None:
+    """The Save ControlNeXt nodes this Train node feeds, checked before training: a taken name found
+    only after the run would lose it."""
+    for save_id, node in (prompt or {}).items():
+        inputs = node.get("inputs", {})
+        link = inputs.get("controlnext")
+        if (node.get("class_type") == "ControlNeXtSave" and isinstance(link, list) and str(link[0]) == str(node_id)
+                and isinstance(inputs.get("name"), str)):
+            try:
+                release_name_is_free(inputs["name"], bool(inputs.get("overwrite")))
+            except ControlNeXtError as error:
+                raise ControlNeXtError(f"Save ControlNeXt (node {save_id}) could not save this training: {error} "
+                                       f"Nothing was trained.") from None
 
 
 class SaveControlNeXt(io.ComfyNode):
@@ -523,16 +549,12 @@ class SaveControlNeXt(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, name: str, overwrite: bool) -> bool | str:
-        """Checked when the prompt is queued, so a taken name does not cost a whole training run."""
+        """Checked when the prompt is queued (and by Train ControlNeXt before it trains: ComfyUI still
+        runs the outputs that do not need a Save that failed validation)."""
         try:
-            folder = release_folder(name)
+            release_name_is_free(name, overwrite)
         except ControlNeXtError as error:
             return str(error)
-        if not overwrite:
-            taken = [file for file in os.listdir(folder) if file.endswith(".safetensors")] if os.path.isdir(folder) else []
-            if taken:
-                return (f"models/controlnext/{name.strip()} already holds {', '.join(sorted(taken))}: choose another "
-                        f"name, or set overwrite.")
         return True
 
     @classmethod

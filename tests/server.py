@@ -259,6 +259,23 @@ def tiny_ordinary_controlnet() -> dict:
     return state
 
 
+TRAINING_PICTURES = "controlnext_training"  # the folder in input/ the training templates read
+
+
+def install_training_pictures(folder: str, count: int = 3) -> None:
+    """Pictures of a bright block on a dark ground, one with a caption file beside it."""
+    import numpy as np
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    for index in range(count):
+        picture = np.full((80, 96, 3), 30, np.uint8)
+        picture[10 + 10 * index:50 + 10 * index, 20:60] = (220, 180, 40)
+        Image.fromarray(picture).save(os.path.join(folder, f"picture_{index}.png"))
+    with open(os.path.join(folder, "picture_0.txt"), "w", encoding="utf-8") as file:
+        file.write("a yellow block on a dark ground")
+
+
 def runnable_on_tiny_models(prompt: dict) -> dict:
     """The one test-time substitution: checkpoint loaders become the tiny-checkpoint test node,
     with the same inputs. Every other node, input and file name is the workflow's own."""

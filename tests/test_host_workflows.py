@@ -33,8 +33,9 @@ from controlnext_demo.cli import INSTALLED_BASE, INSTALLED_RELEASE  # noqa: E402
 from controlnext_testbed import toy_shapes  # noqa: E402
 from controlnext_testbed.official_layouts import random_encoder_state_dict  # noqa: E402
 from server import (CONTROLNEXT_FILES, DWPOSE_FILES, ORDINARY_CONTROLNET, PACK_LINK_NAME,  # noqa: E402
-                    SD15_UNET_SUBSET, SDXL_UNET_DELTAS, SVD_UNET, ComfyServer, install_official_model_files, make_base_directory,
-                    queue_command, runnable_on_tiny_models)
+                    SD15_UNET_SUBSET, SDXL_UNET_DELTAS, SVD_UNET, TRAINING_PICTURES, ComfyServer,
+                    install_official_model_files, install_training_pictures, make_base_directory, queue_command,
+                    runnable_on_tiny_models)
 
 WORKFLOWS = os.path.join(PACK_ROOT, "workflows")
 API_WORKFLOWS = os.path.join(WORKFLOWS, "api")
@@ -53,7 +54,6 @@ WORKFLOW_IMAGES = {
     "ControlNeXt SDXL Training": ("Test Photo",),
     "ControlNeXt Toy Shapes Demo": ("Shapes Picture",),
 }
-TRAINING_PICTURES = "controlnext_training"  # the folder in input/ the training templates read
 DRIVING_FRAMES = 6
 
 
@@ -115,17 +115,6 @@ def images(tmp_path_factory) -> dict[str, str]:
     blocks[0].save(paths["Photo"])
     blocks[1].save(paths["Driving Video"], save_all=True, append_images=blocks[2:], duration=125, loop=0)
     return paths
-
-
-def install_training_pictures(folder: str, count: int = 3) -> None:
-    """Pictures of a bright block on a dark ground, one with a caption file beside it."""
-    os.makedirs(folder, exist_ok=True)
-    for index in range(count):
-        picture = np.full((80, 96, 3), 30, np.uint8)
-        picture[10 + 10 * index:50 + 10 * index, 20:60] = (220, 180, 40)
-        Image.fromarray(picture).save(os.path.join(folder, f"picture_{index}.png"))
-    with open(os.path.join(folder, "picture_0.txt"), "w", encoding="utf-8") as file:
-        file.write("a yellow block on a dark ground")
 
 
 def install_untrained_demo_files(models: str) -> None:

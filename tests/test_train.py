@@ -195,3 +195,113 @@ def test_official_files_without_metadata_load_at_scale_one(tmp_path):
     assert cn.bind(cn.load_encoder(cn.load_state_dict_file(path), cn.read_file_metadata(path)), "sdxl").scale == 1.0
     with pytest.raises(cn.ControlNeXtError, match="not a number"):
         cn.load_encoder(random_encoder_state_dict("base"), {"control_scale": "lots"})
+
+
+def run_steps(trainer, toy, latents, controls, steps):
+    for _ in range(steps):
+        indices = trainer.batch_indices(len(latents))
+        trainer.step(toy, [train.TrainingBatch(latents[part], controls[part], torch.zeros(1))
+                           for part in trainer.micro_batches(indices)])
+
+
+def trained_state(trainer) -> dict[str, torch.Tensor]:
+    return {**{f"encoder.{n}": p.detach().clone() for n, p in trainer.encoder.named_parameters()},
+            **{f"unet.{n}": p.detach().clone() for n, p in trainer.unet_parameters.items()}}
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_gradient_accumulation_gives_the_step_of_the_whole_batch(optimizer):
+    """2 micro-batches of 2 make the same steps as batches of 4 (same draws, gradients summed). fp32
+    sums in another order: the losses agree to 1e-6, the first step's gradient to 1e-5 of its size
+    (measured 2.6e-6; each tensor to 1e-4: up to 1.5e-5 where a gradient is a small rest of large
+    terms), the weights after 3 steps to 1e-5."""
+    latents, controls = shapes_dataset(count=6)
+    settings = dict(optimizer=optimizer, encoder_lr=1e-3, unet_lr=1e-3, warmup_steps=0)
+    runs = []
+    for split in ({"batch_size": 4}, {"batch_size": 2, "gradient_accumulation_steps": 2}):
+        toy, trainer = trainer_for(**settings, **split)
+        gradients = []
+        trainer.optimizer.register_step_pre_hook(lambda *_, t=trainer, g=gradients: g.append(
+            [p.grad.clone() for p in t.trainable_parameters()]))
+        run_steps(trainer, toy, latents, controls, 3)
+        runs.append((trainer, gradients))
+    (whole, whole_gradients), (parts, parts_gradients) = runs
+    assert parts.losses == pytest.approx(whole.losses, rel=1e-6)
+    first_whole, first_parts = (torch.cat([g.flatten() for g in step[0]]) for step in (whole_gradients, parts_gradients))
+    assert (first_parts - first_whole).norm() <= 1e-5 * first_whole.norm()  # from the same weights
+    for expected, actual in zip(whole_gradients[0], parts_gradients[0], strict=True):
+        assert (actual - expected).norm() <= 1e-4 * expected.norm()
+    expected = trained_state(whole)
+    for name, value in trained_state(parts).items():
+        assert (value - expected[name]).norm() <= 1e-5 * expected[name].norm(), name  # Adam divides by tiny moments
+    assert not torch.equal(expected["unet." + ToyDenoiser.WEIGHT], ToyDenoiser().to_out.weight)  # it trained
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_a_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path, optimizer):
+    """7 steps, a checkpoint, a new process's trainer resumed from it, 5 more steps: the same
+    weights, losses and data order as 12 steps in one go (step 7 falls in the middle of an epoch)."""
+    from controlnext_core import checkpoints
+
+    latents, controls = shapes_dataset(count=5)
+    settings = dict(optimizer=optimizer, encoder_lr=1e-3, unet_lr=1e-3, warmup_steps=4, batch_size=3,
+                    proportion_empty_prompts=0.0, steps=12)
+    toy, straight = trainer_for(**settings)
+    run_steps(straight, toy, latents, controls, 12)
+
+    toy, first = trainer_for(**settings)
+    run_steps(first, toy, latents, controls, 7)
+    assert first.data_order  # mid-epoch: part of an epoch's order is still to come
+    folder = checkpoints.save_checkpoint(str(tmp_path / "checkpoints"), first, {"data": "shapes"})
+    toy, resumed = trainer_for(**settings)
+    assert "at step 7" in checkpoints.resume(folder, resumed, {"data": "shapes"})
+    run_steps(resumed, toy, latents, controls, 5)
+    assert resumed.losses == straight.losses and resumed.steps_done == 12
+    expected = trained_state(straight)
+    assert all(torch.equal(value, expected[name]) for name, value in trained_state(resumed).items())
+
+
+def test_a_checkpoint_of_another_run_is_refused_naming_each_difference(tmp_path):
+    from controlnext_core import checkpoints
+
+    latents, controls = shapes_dataset()
+    toy, trainer = trainer_for(batch_size=2, encoder_lr=1e-3)
+    run_steps(trainer, toy, latents, controls, 2)
+    folder = checkpoints.save_checkpoint(str(tmp_path), trainer, {"data": "a"})
+    _, other = trainer_for(batch_size=3, encoder_lr=1e-3, steps=50)  # steps may grow: not a difference
+    with pytest.raises(cn.ControlNeXtError) as error:
+        checkpoints.resume(folder, other, {"data": "b"})
+    assert "batch_size: 2 in the checkpoint, 3 now" in str(error.value)
+    assert "data: 'a' in the checkpoint, 'b' now" in str(error.value) and "steps" not in str(error.value)
+    message = checkpoints.resume(folder, other, {"data": "b"}, new_settings=True)
+    assert "new settings" in message and other.steps_done == 0
+    assert torch.equal(other.unet_parameters[ToyDenoiser.WEIGHT], trainer.unet_parameters[ToyDenoiser.WEIGHT])
+
+
+def test_truncated_checkpoints_are_named_and_the_last_k_are_kept(tmp_path, monkeypatch):
+    from controlnext_core import checkpoints
+
+    latents, controls = shapes_dataset()
+    toy, trainer = trainer_for(batch_size=2)
+    for _ in range(4):
+        run_steps(trainer, toy, latents, controls, 1)
+        checkpoints.save_checkpoint(str(tmp_path), trainer, keep=2)
+    assert [step for step, _ in checkpoints.checkpoint_folders(str(tmp_path))] == [3, 4]
+    assert checkpoints.latest_checkpoint(str(tmp_path)).endswith("step-4")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    import safetensors.torch
+    run_steps(trainer, toy, latents, controls, 1)
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(cn.ControlNeXtError, match="No space left.*earlier checkpoints .* are unchanged"):
+        checkpoints.save_checkpoint(str(tmp_path), trainer, keep=2)
+    assert sorted(os.listdir(tmp_path)) == ["step-3", "step-4"]  # nothing half-written beside them
+    monkeypatch.undo()
+    os.remove(tmp_path / "step-4" / checkpoints.STATE_FILE)
+    with pytest.raises(cn.ControlNeXtError, match="step-4 is not a complete training checkpoint"):
+        checkpoints.resume(str(tmp_path / "step-4"), trainer_for(batch_size=2)[1])
+    (tmp_path / "step-3" / checkpoints.INFO_FILE).write_text('{"format": "something else", "version": 1}')
+    with pytest.raises(cn.ControlNeXtError, match="not a ControlNeXt training checkpoint"):
+        checkpoints.resume(str(tmp_path / "step-3"), trainer_for(batch_size=2)[1])

@@ -1,0 +1,111 @@
+"""Host tests: the SD1.5 training template on a real ComfyUI server, queued with the queue command as
+a user queues it. A real POST /interrupt during training keeps what was trained (Save ControlNeXt
+still writes it), a Save name that is taken is flagged when the prompt is queued and stops the run
+before anything is trained, and the loss reaches the server log and the node's text."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+import host  # noqa: F401  (skips this module without a ComfyUI host)
+import numpy as np  # noqa: E402
+import safetensors  # noqa: E402
+from PIL import Image  # noqa: E402
+from conftest import PACK_ROOT  # noqa: E402
+from server import (TRAINING_PICTURES, ComfyServer, install_training_pictures, make_base_directory,  # noqa: E402
+                    queue_command, runnable_on_tiny_models)
+
+TEMPLATE = os.path.join(PACK_ROOT, "workflows", "api", "ControlNeXt SD1.5 Training.json")
+CHECKPOINT = "v1-5-pruned-emaonly.safetensors"  # the template's, kept by the tiny-checkpoint test node
+LONG_RUN = 400  # steps: far more than the test waits for (the log has a line every 20)
+SMALL = ["--set", "Training Pictures.resolution=64", "--set", "Train ControlNeXt.batch_size=2",
+         "--set", "Empty Latent Image.width=64", "--set", "Empty Latent Image.height=64", "--set", "KSampler.steps=2"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = make_base_directory(str(tmp_path_factory.mktemp("train_server_base")))
+    install_training_pictures(os.path.join(base, "input", TRAINING_PICTURES))
+    running = ComfyServer(base).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def workflow(tmp_path_factory) -> tuple[str, str]:
+    """The template with the tiny checkpoint, and a test photo."""
+    folder = tmp_path_factory.mktemp("train_workflow")
+    with open(TEMPLATE, encoding="utf-8") as file:
+        prompt = runnable_on_tiny_models(json.load(file))
+    path, photo = str(folder / "training.json"), str(folder / "photo.png")
+    with open(path, "w", encoding="utf-8") as file:
+        json.dump(prompt, file)
+    Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)).save(photo)
+    return path, photo
+
+
+def queue_args(server, workflow, out, name: str, steps: int) -> list[str]:
+    path, photo = workflow
+    return [path, "--server", server.url, "--out", str(out), "--image", f"Test Photo={photo}", *SMALL,
+            "--set", f"Train ControlNeXt.steps={steps}", "--set", f"Save ControlNeXt.name={name}"]
+
+
+def wait_for_log(server, text: str, timeout: float = 240.0) -> None:
+    deadline = time.time() + timeout
+    while text not in server.log():
+        if time.time() > deadline:
+            raise AssertionError(f"'{text}' did not reach the server log in {timeout} s:\n{server.log()[-3000:]}")
+        time.sleep(0.5)
+
+
+def test_cancel_during_training_keeps_and_saves_what_was_trained(server, workflow, tmp_path):
+    run = subprocess.Popen([sys.executable, "-S", "-m", "controlnext_queue",
+                            *queue_args(server, workflow, tmp_path, "cancelled_run", LONG_RUN)],
+                           cwd=PACK_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_log(server, f"ControlNeXt training: step {LONG_RUN // 20}/{LONG_RUN}")
+        status, _ = server.post("/interrupt", {})
+        assert status == 200
+        stdout, stderr = run.communicate(timeout=240)
+    finally:
+        run.kill()
+    log = server.log()
+    assert run.returncode == 0, stderr + log[-3000:]
+    assert f"of {LONG_RUN} steps; kept what was trained" in log
+    folder = os.path.join(server.base, "models", "controlnext", "cancelled_run")
+    assert sorted(os.listdir(folder)) == ["controlnet.safetensors", "unet.safetensors"]
+    with safetensors.safe_open(os.path.join(folder, "controlnet.safetensors"), "np") as file:
+        metadata = file.metadata()
+    assert LONG_RUN // 20 <= int(metadata["steps"]) < LONG_RUN
+    assert metadata["base_model"] == CHECKPOINT
+    assert len(stdout.split()) == 1 and os.path.isfile(stdout.split()[0])  # the test generation after it ran too
+
+
+def test_the_loss_reaches_the_log_and_the_nodes_text(server, workflow, tmp_path):
+    result = queue_command(*queue_args(server, workflow, tmp_path, "short_run", 4), "--set",
+                           "Save ControlNeXt.overwrite=true")
+    assert result.returncode == 0, result.stderr + server.log()[-3000:]
+    log = server.log()
+    assert "ControlNeXt training: step 4/4  loss " in log
+    assert "ControlNeXt training: Trained 4 steps. loss " in log and "(mean of the first and last 2 steps)" in log
+
+
+def test_a_taken_save_name_is_refused_when_queued(server, workflow, tmp_path):
+    folder = os.path.join(server.base, "models", "controlnext", "taken")
+    os.makedirs(folder)
+    with open(os.path.join(folder, "controlnet.safetensors"), "wb") as file:
+        file.write(b"the user's file")
+    steps_before = server.log().count("ControlNeXt training: step")
+    result = queue_command(*queue_args(server, workflow, tmp_path, "taken", 3))
+    assert result.returncode == 7, result.stderr  # Train ControlNeXt refused to start
+    assert "Save ControlNeXt (node 6)" in result.stderr and "already holds controlnet.safetensors" in result.stderr
+    assert "Failed to validate prompt for output 6" in server.log()  # and ComfyUI flagged Save when queued
+    server.wait_until_idle()
+    assert server.log().count("ControlNeXt training: step") == steps_before  # nothing was trained
+    with open(os.path.join(folder, "controlnet.safetensors"), "rb") as file:
+        assert file.read() == b"the user's file"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import math
 import os
@@ -25,6 +26,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..controlnext_core import ControlNeXtError, injection_block, resize_control, rule_for
+from ..controlnext_core.checkpoints import checkpoint_folders, latest_checkpoint, resume, save_checkpoint
 from ..controlnext_core.train import (EMPTY_PROMPT, OPTIMIZERS, RECIPES, TRAIN_LAYOUT, Trainer, TrainingBatch,
                                       TrainingDiverged, TrainingSettings, loss_summary, new_encoder, noise_schedule,
                                       release_metadata, release_unet_weights, save_release, trainable_copy,
@@ -40,6 +42,8 @@ UNET_CHOICES = ("official subset", "none")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 OFFICIAL = "official"  # the optimizer choice that takes the whole official recipe
+RESUME_CHOICES = ("no", "latest", "latest, new settings")
+CHECKPOINTS_KEPT = 3
 LOG_LINES, LOG_SECONDS = 20, 60.0  # a loss line in the server log 20 times a run, and at least once a minute
 
 
@@ -353,6 +357,24 @@ class TrainControlNeXt(io.ComfyNode):
                                               "control_scale is set."),
                 io.Clip.Input("clip", optional=True,
                               tooltip="Encodes the empty prompt for proportion_empty_prompts."),
+                io.Int.Input("gradient_accumulation_steps", default=1, min=1, max=1024, optional=True,
+                             tooltip="Batches computed one after the other per optimiser step: a step trains on "
+                                     "batch_size x this many pictures for the memory of batch_size."),
+                io.String.Input("checkpoint_name", default="", optional=True,
+                                tooltip="A folder under models/controlnext: every checkpoint_every steps and on "
+                                        "Cancel the whole training state goes to <name>/checkpoints/step-N (the "
+                                        f"last {CHECKPOINTS_KEPT} kept) and the release files in <name>/ are "
+                                        "refreshed, so the newest weights can be tried at once. Empty: nothing is "
+                                        "written while training (Save ControlNeXt writes the result)."),
+                io.Int.Input("checkpoint_every", default=100, min=1, max=100000, optional=True,
+                             tooltip="Steps between checkpoints (with a checkpoint_name)."),
+                io.Combo.Input("resume", options=list(RESUME_CHOICES), default=RESUME_CHOICES[0], optional=True,
+                               tooltip="latest: continue the newest checkpoint of checkpoint_name exactly (the same "
+                                       "weights as an uninterrupted run; steps may grow), or start there when it "
+                                       "has none; a checkpoint of other settings or data is refused naming each "
+                                       "difference. latest, new settings: take only its weights (and the optimiser "
+                                       "state where it fits) and train with the settings given. no: a new run "
+                                       "(refused where checkpoint_name already has checkpoints)."),
             ],
             outputs=[
                 ControlNeXtType.Output(display_name="CONTROLNEXT", tooltip="For Apply ControlNeXt and Save ControlNeXt."),
@@ -363,10 +385,27 @@ class TrainControlNeXt(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, checkpoint_name: str = "", resume: str = RESUME_CHOICES[0]) -> bool | str:
+        """Checked when the prompt is queued: a new run must not mix its checkpoints with another's."""
+        if resume not in RESUME_CHOICES:
+            return f"resume '{resume}' is not one of {', '.join(RESUME_CHOICES)}."
+        if not checkpoint_name.strip():
+            return True
+        try:
+            folder = release_folder(checkpoint_name)
+        except ControlNeXtError as error:
+            return str(error)
+        if resume == RESUME_CHOICES[0] and checkpoint_folders(os.path.join(folder, "checkpoints")):
+            return (f"models/controlnext/{checkpoint_name.strip()} already has checkpoints of a run: set resume to "
+                    f"latest to continue it, or choose another checkpoint_name.")
+        return True
+
+    @classmethod
     def execute(cls, model, latents, positive, control_images, steps: int, batch_size: int, encoder_lr: float,
                 unet_lr: float, train_unet: str, optimizer: str, warmup_steps: int, control_scale: float,
                 proportion_empty_prompts: float, seed: int, gradient_checkpointing: bool, precision: str,
-                controlnext=None, clip=None) -> io.NodeOutput:
+                controlnext=None, clip=None, gradient_accumulation_steps: int = 1, checkpoint_name: str = "",
+                checkpoint_every: int = 100, resume: str = RESUME_CHOICES[0]) -> io.NodeOutput:
         samples = latents["samples"]
         images = control_image_from_comfy(control_images)
         family = check_training_inputs(model, samples, images, positive)
@@ -388,19 +427,21 @@ class TrainControlNeXt(io.ComfyNode):
             unet_lr=None if official else unet_lr, train_unet=train_unet != "none",
             optimizer=None if official else optimizer, warmup_steps=None if official else warmup_steps,
             control_scale=scale, prediction=prediction, proportion_empty_prompts=proportion_empty_prompts,
-            seed=seed).resolved()
+            seed=seed, gradient_accumulation_steps=gradient_accumulation_steps).resolved()
         empty = encode_text(clip, EMPTY_PROMPT[family]) if proportion_empty_prompts > 0 else None
         if empty is not None:
             check_conditioning(model, family, empty, "empty prompt's conditioning")
         with torch.inference_mode(False):  # weights that can be trained (nodes run under inference mode)
             encoder = new_encoder(settings.seed) if controlnext is None else trainable_copy(controlnext.encoder)
+        base_model = base_model_name(prompt, node_id, model)
+        plan = CheckpointPlan(checkpoint_name, checkpoint_every, resume,
+                              {"base_model": base_model, "data": data_digest(samples, images, positive)}, base_model,
+                              diffusers_names(model)) if checkpoint_name.strip() else None
         run = train(model, family, samples, images, positive, empty, settings, encoder, gradient_checkpointing,
-                    _autocast_dtype(precision, model), alphas_cumprod, node_id)
+                    _autocast_dtype(precision, model), alphas_cumprod, node_id, plan)
         name = f"trained ControlNeXt ({family}, {run.trainer.steps_done} steps)"
-        names = diffusers_names(model)
-        file_weights = {names[key]: value for key, value in run.unet_file_weights.items()}
-        metadata = release_metadata(family, settings.control_scale, run.trainer.steps_done,
-                                    base_model_name(prompt, node_id, model))
+        file_weights = release_file_weights(run.unet_file_weights, diffusers_names(model))
+        metadata = release_metadata(family, settings.control_scale, run.trainer.steps_done, base_model)
         trained = TrainedControlNeXt(name, run.trainer.finish(), file_weights, metadata)
         patched = (patch_unet_weights_from(model, file_weights, name, 1.0, OFFICIAL_MODE[family]) if file_weights
                    else model.clone())
@@ -409,6 +450,51 @@ class TrainControlNeXt(io.ComfyNode):
             scale_note) if part)
         log.info("ControlNeXt training: %s", message)
         return io.NodeOutput(trained, patched, {"loss": list(run.trainer.losses)}, ui={"controlnext_info": [message]})
+
+
+class CheckpointPlan:
+    """Where and how often a run writes its checkpoints and refreshes its release, and how it starts."""
+
+    def __init__(self, name: str, every: int, resume: str, identity: dict[str, str], base_model: str,
+                 diffusers: dict[str, str]):
+        self.folder = release_folder(name)
+        self.root = os.path.join(self.folder, "checkpoints")
+        self.every, self.resume, self.identity = every, resume, identity
+        self.base_model, self.diffusers = base_model, diffusers
+
+    def start(self, trainer: Trainer) -> str:
+        """Resumes the latest checkpoint where asked; returns what was done, in words."""
+        if self.resume == RESUME_CHOICES[0]:
+            return ""
+        latest = latest_checkpoint(self.root)
+        if latest is None:
+            return f"No checkpoint in {self.root} yet: started a new run."
+        return resume(latest, trainer, self.identity, new_settings=self.resume == RESUME_CHOICES[2])
+
+    def write(self, trainer: Trainer, base_weights: dict[str, torch.Tensor]) -> str:
+        """A checkpoint, then the release files refreshed with the same weights."""
+        folder = save_checkpoint(self.root, trainer, self.identity, keep=CHECKPOINTS_KEPT)
+        settings = trainer.settings
+        unet_file = release_file_weights(release_unet_weights(trainer.trained_unet(), base_weights, settings.family),
+                                         self.diffusers)
+        save_release(self.folder, trainer.encoder, unet_file,
+                     release_metadata(settings.family, settings.control_scale, trainer.steps_done, self.base_model),
+                     overwrite=True)
+        return folder
+
+
+def release_file_weights(unet_weights: dict[str, torch.Tensor], diffusers: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The release's UNet file under the diffusers names releases use."""
+    return {diffusers[name]: value for name, value in unet_weights.items()}
+
+
+def data_digest(samples: torch.Tensor, images: torch.Tensor, positive: list) -> str:
+    """What the run trains on, in a few characters: a checkpoint of other data is not continued."""
+    digest = hashlib.sha256()
+    for tensor in [samples, images] + [t for cond, extra in positive
+                                       for t in (cond, extra.get("pooled_output")) if t is not None]:
+        digest.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 class TrainingRun:
@@ -433,8 +519,9 @@ def cancelled(progress, done: int, total: int) -> bool:
 
 def train(model, family: str, samples: torch.Tensor, images: torch.Tensor, positive: list, empty: list | None,
           settings: TrainingSettings, encoder, use_checkpointing: bool, autocast_dtype,
-          alphas_cumprod: torch.Tensor | None, node_id) -> TrainingRun:
-    """The training loop: progress with the loss, Cancel and divergence stop it and keep the last good step."""
+          alphas_cumprod: torch.Tensor | None, node_id, plan: CheckpointPlan | None = None) -> TrainingRun:
+    """The training loop: progress with the loss, checkpoints; Cancel and divergence stop it and keep
+    the last good step (with a checkpoint where the run writes them)."""
     device = comfy.model_management.get_torch_device()
     with torch.inference_mode(False):
         names = (trainable_unet_names([name for name, _ in model.model.diffusion_model.named_parameters()], family)
@@ -444,6 +531,7 @@ def train(model, family: str, samples: torch.Tensor, images: torch.Tensor, posit
             base_weights = denoiser.unet_weights(names)
             trainer = Trainer(encoder, base_weights, settings, device, alphas_cumprod)
             denoiser.train_through(trainer.unet_parameters)
+            started = plan.start(trainer) if plan else ""
             latents = model.model.process_latent_in(samples.to(device, torch.float32))
             height, width = samples.shape[-2] * LATENT_SCALE, samples.shape[-1] * LATENT_SCALE
             if tuple(images.shape[-2:]) != (height, width):
@@ -455,34 +543,43 @@ def train(model, family: str, samples: torch.Tensor, images: torch.Tensor, posit
             progress = comfy.utils.ProgressBar(settings.steps, node_id=node_id)
             message = f"Trained {settings.steps} steps."
             log_every, next_log = max(1, settings.steps // LOG_LINES), time.monotonic() + LOG_SECONDS
-            for step in range(settings.steps):
-                if cancelled(progress, step, settings.steps):
+            written = None
+            while trainer.steps_done < settings.steps:
+                if cancelled(progress, trainer.steps_done, settings.steps):
                     message = f"Cancelled after {trainer.steps_done} of {settings.steps} steps; kept what was trained."
                     log.warning("ControlNeXt training: %s", message)
                     break
                 indices = trainer.batch_indices(samples.shape[0])
-                empties = trainer.empty_prompt_mask(len(indices))
-                entries = [empty[0] if is_empty else positive[i if len(positive) > 1 else 0]
-                           for i, is_empty in zip(indices, empties)]
-                conditioning = batch_conditioning(model, family, entries, samples.shape)
-                batch = TrainingBatch(latents[indices], controls[indices], conditioning)
+                empties = dict(zip(indices, trainer.empty_prompt_mask(len(indices))))
+                parts = []
+                for part in trainer.micro_batches(indices):
+                    entries = [empty[0] if empties[i] else positive[i if len(positive) > 1 else 0] for i in part]
+                    parts.append(TrainingBatch(latents[part], controls[part],
+                                               batch_conditioning(model, family, entries, samples.shape)))
                 try:
-                    loss = trainer.step(denoiser, batch, autocast_dtype, scaler)
+                    loss = trainer.step(denoiser, parts, autocast_dtype, scaler)
                 except TrainingDiverged as error:
                     if trainer.steps_done == 0:
                         raise
                     message = str(error)
                     log.warning("ControlNeXt training: %s", message)
                     break
-                text = f"step {step + 1}/{settings.steps}  loss {loss:.4f}"
+                text = f"step {trainer.steps_done}/{settings.steps}  loss {loss:.4f}"
                 _progress_text(text, node_id)
-                if (step + 1) % log_every == 0 or step + 1 == settings.steps or time.monotonic() > next_log:
+                if (trainer.steps_done % log_every == 0 or trainer.steps_done == settings.steps
+                        or time.monotonic() > next_log):
                     log.info("ControlNeXt training: %s", text)
                     next_log = time.monotonic() + LOG_SECONDS
+                if plan and trainer.steps_done % plan.every == 0:
+                    written = plan.write(trainer, base_weights)
             else:
                 cancelled(progress, settings.steps, settings.steps)  # the full bar; a Cancel now has nothing to stop
+            if plan and trainer.steps_done and not (written or "").endswith(f"step-{trainer.steps_done}"):
+                written = plan.write(trainer, base_weights)  # Cancel, divergence or the last step
+            if written:
+                message += f" Checkpoint: {written}."
             file_weights = release_unet_weights(trainer.trained_unet(), base_weights, family)
-    return TrainingRun(trainer, file_weights, message)
+    return TrainingRun(trainer, file_weights, " ".join(part for part in (started, message) if part))
 
 
 def _progress_text(text: str, node_id) -> None:

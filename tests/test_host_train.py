@@ -346,3 +346,39 @@ def test_only_the_trained_weights_get_gradients_and_the_flags_come_back():
     parameters = list(model.model.diffusion_model.parameters())
     assert all(p.grad is None for p in parameters)
     assert all(p.requires_grad for p in parameters)
+
+
+def release_files(folder) -> dict[str, dict]:
+    import safetensors.torch
+
+    return {name: safetensors.torch.load_file(os.path.join(folder, name))
+            for name in ("controlnet.safetensors", "unet.safetensors")}
+
+
+def test_checkpoints_resume_to_the_files_of_an_uninterrupted_run(models_folder):
+    """7 steps with checkpoints, then the same node resumed to 12 (step 7 is mid-epoch: 4 pictures, 3
+    a step): the release files equal those of 12 steps in one run, bit for bit, and the loss history
+    continues."""
+    settings = dict(steps=12, batch_size=3, checkpoint_every=5, optimizer="adamw", encoder_lr=1e-3, unet_lr=1e-3)
+    straight = run_train("sd15", checkpoint_name="straight", **settings)
+    first = run_train("sd15", checkpoint_name="resumed", **{**settings, "steps": 7})
+    assert sorted(os.listdir(models_folder / "resumed" / "checkpoints")) == ["step-5", "step-7"]
+    assert "Checkpoint:" in first.ui["controlnext_info"][0]
+    with pytest.raises(host.core.ControlNeXtError, match="batch_size: 3 in the checkpoint, 2 now"):
+        run_train("sd15", checkpoint_name="resumed", resume="latest", **{**settings, "batch_size": 2})
+    assert "already has checkpoints" in Train.validate_inputs("resumed", "no")
+    resumed = run_train("sd15", checkpoint_name="resumed", resume="latest", **settings)
+    assert "Resumed" in resumed.ui["controlnext_info"][0] and "at step 7" in resumed.ui["controlnext_info"][0]
+    assert resumed.result[2]["loss"] == straight.result[2]["loss"]
+    expected, actual = release_files(models_folder / "straight"), release_files(models_folder / "resumed")
+    assert expected.keys() == actual.keys()
+    for file in expected:
+        assert all(torch.equal(actual[file][name], tensor) for name, tensor in expected[file].items()), file
+    assert sorted(os.listdir(models_folder / "resumed" / "checkpoints")) == ["step-10", "step-12", "step-7"]
+
+
+def test_gradient_accumulation_through_the_node_trains_the_batch_it_adds_up_to():
+    whole = run_train("sd15", steps=2, batch_size=4, optimizer="adamw", precision="fp32")
+    parts = run_train("sd15", steps=2, batch_size=2, gradient_accumulation_steps=2, optimizer="adamw",
+                      precision="fp32")
+    assert parts.result[2]["loss"] == pytest.approx(whole.result[2]["loss"], rel=1e-6)

@@ -15,7 +15,6 @@ import math
 import os
 import time
 
-import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -27,6 +26,7 @@ from comfy_api.latest import io
 
 from ..controlnext_core import ControlNeXtError, injection_block, resize_control, rule_for
 from ..controlnext_core.checkpoints import checkpoint_folders, latest_checkpoint, resume, save_checkpoint
+from ..controlnext_core.dataset import load_training_pair, read_items
 from ..controlnext_core.train import (EMPTY_PROMPT, OPTIMIZERS, RECIPES, TRAIN_LAYOUT, Trainer, TrainingBatch,
                                       TrainingDiverged, TrainingSettings, loss_summary, new_encoder, noise_schedule,
                                       release_metadata, release_unet_weights, save_release, trainable_copy,
@@ -40,7 +40,6 @@ TRAIN_CATEGORY = f"{CATEGORY}/training"
 LossMapType = io.Custom("LOSS_MAP")  # ComfyUI's own Plot Loss Graph takes it
 UNET_CHOICES = ("official subset", "none")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 OFFICIAL = "official"  # the optimizer choice that takes the whole official recipe
 RESUME_CHOICES = ("no", "latest", "latest, new settings")
 CHECKPOINTS_KEPT = 3
@@ -544,10 +543,10 @@ def train(model, family: str, samples: torch.Tensor, images: torch.Tensor, posit
             message = f"Trained {settings.steps} steps."
             log_every, next_log = max(1, settings.steps // LOG_LINES), time.monotonic() + LOG_SECONDS
             written = None
+            stop = None
             while trainer.steps_done < settings.steps:
                 if cancelled(progress, trainer.steps_done, settings.steps):
-                    message = f"Cancelled after {trainer.steps_done} of {settings.steps} steps; kept what was trained."
-                    log.warning("ControlNeXt training: %s", message)
+                    stop = f"Cancelled after {trainer.steps_done} of {settings.steps} steps; kept what was trained."
                     break
                 indices = trainer.batch_indices(samples.shape[0])
                 empties = dict(zip(indices, trainer.empty_prompt_mask(len(indices))))
@@ -558,11 +557,16 @@ def train(model, family: str, samples: torch.Tensor, images: torch.Tensor, posit
                                                batch_conditioning(model, family, entries, samples.shape)))
                 try:
                     loss = trainer.step(denoiser, parts, autocast_dtype, scaler)
+                except comfy.model_management.InterruptProcessingException:
+                    # ComfyUI (v0.33+) also checks for a Cancel in every layer: the step in progress is
+                    # dropped before the optimiser moved, the flag is cleared, the steps done are kept
+                    trainer.optimizer.zero_grad(set_to_none=True)
+                    stop = f"Cancelled after {trainer.steps_done} of {settings.steps} steps; kept what was trained."
+                    break
                 except TrainingDiverged as error:
                     if trainer.steps_done == 0:
                         raise
-                    message = str(error)
-                    log.warning("ControlNeXt training: %s", message)
+                    stop = str(error)
                     break
                 text = f"step {trainer.steps_done}/{settings.steps}  loss {loss:.4f}"
                 _progress_text(text, node_id)
@@ -574,6 +578,9 @@ def train(model, family: str, samples: torch.Tensor, images: torch.Tensor, posit
                     written = plan.write(trainer, base_weights)
             else:
                 cancelled(progress, settings.steps, settings.steps)  # the full bar; a Cancel now has nothing to stop
+            if stop:
+                message = stop
+                log.warning("ControlNeXt training: %s", message)
             if plan and trainer.steps_done and not (written or "").endswith(f"step-{trainer.steps_done}"):
                 written = plan.write(trainer, base_weights)  # Cancel, divergence or the last step
             if written:
@@ -670,13 +677,6 @@ def training_folders() -> list[str]:
     return sorted(folder_paths.get_input_subfolders())
 
 
-def _picture_files(folder: str, label: str) -> list[str]:
-    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_SUFFIXES))
-    if not names:
-        raise ControlNeXtError(f"The input folder '{label}' holds no pictures ({', '.join(IMAGE_SUFFIXES)}).")
-    return [os.path.join(folder, n) for n in names]
-
-
 def _input_subfolder(folder: str) -> str:
     """The path of a subfolder of ComfyUI's input folder, refusing anything outside it."""
     root = os.path.realpath(folder_paths.get_input_directory())
@@ -688,24 +688,6 @@ def _input_subfolder(folder: str) -> str:
         raise ControlNeXtError(f"The input folder has no subfolder '{folder}': put the pictures in "
                                f"{os.path.join(root, folder)} (refresh the list after adding one).")
     return path
-
-
-def load_picture(path: str, resolution: int) -> torch.Tensor:
-    """Resize the shorter side to ``resolution`` and centre-crop a square, as the official training data."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image).convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ControlNeXtError(f"'{path}' is not a readable picture ({type(error).__name__}: {error}); replace or "
-                               f"remove it.") from None
-    scale = resolution / min(image.size)
-    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
-    image = image.resize(size, Image.BILINEAR)
-    left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
 
 
 class LoadTrainingPictures(io.ComfyNode):
@@ -736,17 +718,10 @@ class LoadTrainingPictures(io.ComfyNode):
     def execute(cls, folder: str, clip, resolution: int, default_caption: str) -> io.NodeOutput:
         if resolution % LATENT_SCALE:
             raise ControlNeXtError(f"resolution {resolution} is not a multiple of 8.")
-        paths = _picture_files(_input_subfolder(folder), folder)
-        images = torch.stack([load_picture(path, resolution) for path in paths])
-        conditioning = []
-        for path in paths:
-            caption_file = os.path.splitext(path)[0] + ".txt"
-            caption = default_caption
-            if os.path.isfile(caption_file):
-                with open(caption_file, encoding="utf-8") as file:
-                    caption = file.read().strip()
-            conditioning += encode_text(clip, caption)
-        return io.NodeOutput(images, conditioning, len(paths))
+        items = read_items(_input_subfolder(folder), "pictures", default_caption=default_caption)
+        images = torch.stack([load_training_pair(item, resolution)[0] for item in items])
+        conditioning = [entry for item in items for entry in encode_text(clip, item.caption)]
+        return io.NodeOutput(images, conditioning, len(items))
 
 
 TRAIN_NODES = [LoadTrainingPictures, TrainControlNeXt, SaveControlNeXt]

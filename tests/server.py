@@ -70,8 +70,10 @@ class ComfyServer:
 
     def start(self, timeout: float = 90.0) -> "ComfyServer":
         log = open(self.log_path, "w")
+        # unbuffered: tests that wait for a log line see it when it is written
         self.process = subprocess.Popen(comfy_command(self.base, "--listen", "127.0.0.1", "--port", str(self.port)),
-                                        cwd=COMFYUI_PATH, stdout=log, stderr=subprocess.STDOUT, env=one_thread_env())
+                                        cwd=COMFYUI_PATH, stdout=log, stderr=subprocess.STDOUT,
+                                        env={**one_thread_env(), "PYTHONUNBUFFERED": "1"})
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.process.poll() is not None:

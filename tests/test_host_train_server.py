@@ -20,6 +20,7 @@ from conftest import PACK_ROOT  # noqa: E402
 from server import (TRAINING_PICTURES, ComfyServer, install_training_pictures, make_base_directory,  # noqa: E402
                     queue_command, runnable_on_tiny_models)
 
+pytestmark = [pytest.mark.server, pytest.mark.slow]
 TEMPLATE = os.path.join(PACK_ROOT, "workflows", "api", "ControlNeXt SD1.5 Training.json")
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"  # the template's, kept by the tiny-checkpoint test node
 LONG_RUN = 400  # steps: far more than the test waits for (the log has a line every 20)
@@ -109,3 +110,41 @@ def test_a_taken_save_name_is_refused_when_queued(server, workflow, tmp_path):
     assert server.log().count("ControlNeXt training: step") == steps_before  # nothing was trained
     with open(os.path.join(folder, "controlnet.safetensors"), "rb") as file:
         assert file.read() == b"the user's file"
+
+
+def release_tensors(server, name: str) -> dict:
+    folder = os.path.join(server.base, "models", "controlnext", name)
+    tensors = {}
+    for file in ("controlnet.safetensors", "unet.safetensors"):
+        with safetensors.safe_open(os.path.join(folder, file), "np") as opened:
+            tensors.update({f"{file}:{key}": opened.get_tensor(key) for key in opened.keys()})
+    return tensors
+
+
+def test_a_run_cancelled_and_resumed_gives_the_files_of_an_uninterrupted_one(server, workflow, tmp_path):
+    """12 steps in one run, and 12 steps cancelled by a real /interrupt part-way (a checkpoint is
+    written on Cancel) then queued again with resume = latest: the release files are the same."""
+    def args(name: str, *extra: str) -> list[str]:
+        return [*queue_args(server, workflow, tmp_path / name, f"{name}_save", 12), "--set",
+                "Save ControlNeXt.overwrite=true", "--set", f"Train ControlNeXt.checkpoint_name={name}", *extra]
+
+    straight = queue_command(*args("straight"))
+    assert straight.returncode == 0, straight.stderr + server.log()[-3000:]
+    run = subprocess.Popen([sys.executable, "-S", "-m", "controlnext_queue", *args("resumed")], cwd=PACK_ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_log(server, "ControlNeXt training: step 2/12")
+        assert server.post("/interrupt", {})[0] == 200
+        _, stderr = run.communicate(timeout=240)
+    finally:
+        run.kill()
+    assert run.returncode == 0, stderr + server.log()[-3000:]
+    checkpoints = os.listdir(os.path.join(server.base, "models", "controlnext", "resumed", "checkpoints"))
+    assert len(checkpoints) == 1 and 2 <= int(checkpoints[0].split("-")[1]) < 12, checkpoints
+    resumed = queue_command(*args("resumed", "--set", "Train ControlNeXt.resume=latest"))
+    assert resumed.returncode == 0, resumed.stderr + server.log()[-3000:]
+    assert "Resumed" in server.log() and "step-12" in os.listdir(
+        os.path.join(server.base, "models", "controlnext", "resumed", "checkpoints"))
+    expected, actual = release_tensors(server, "straight"), release_tensors(server, "resumed")
+    assert expected.keys() == actual.keys()
+    assert all(np.array_equal(actual[key], value) for key, value in expected.items())

@@ -8,7 +8,8 @@ another's peak.
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [TESTS, os.path.dirname(TESTS)]  # the tests' helpers, and the checkout (controlnext_testbed)
 from conftest import COMFYUI_PATH  # noqa: E402  (puts ComfyUI on sys.path)
 
 assert COMFYUI_PATH, "needs COMFYUI_PATH"

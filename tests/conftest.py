@@ -1,4 +1,5 @@
-"""Finds a ComfyUI host for the host tests; without one they skip and the core tests still run.
+"""Finds a ComfyUI host for the host tests; without one they skip and the core tests still run. Checks
+that every module starting ComfyUI servers carries the markers that a quick run leaves out.
 
 The host is ``COMFYUI_PATH`` (a ComfyUI checkout), or the ComfyUI whose ``custom_nodes/``
 holds this pack. Run the suite with that ComfyUI's Python (its venv has torch and its deps).
@@ -39,3 +40,12 @@ if COMFYUI_PATH:
     comfy.cli_args.args.cpu = True
     import nodes  # noqa: F401  binds ComfyUI's nodes.py before our own nodes/ package can shadow it
 
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A module that starts ComfyUI servers is marked ``server`` and ``slow``, so that the quick run
+    (``-m "not slow"``) leaves it out; one that is not fails the collection."""
+    unmarked = sorted({item.path.name for item in items if hasattr(getattr(item, "module", None), "ComfyServer")
+                       and not (item.get_closest_marker("server") and item.get_closest_marker("slow"))})
+    if unmarked:
+        raise pytest.UsageError(f"{', '.join(unmarked)}: starts ComfyUI servers (ComfyServer) without the server and "
+                                "slow markers; add `pytestmark = [pytest.mark.server, pytest.mark.slow]`")

@@ -20,6 +20,7 @@ if not COMFYUI_PATH:
     pytest.skip(HOST_SKIP_REASON, allow_module_level=True)
 
 
+@pytest.mark.slow
 def test_quick_benchmark_runs_end_to_end_and_writes_table_json_and_chart(tmp_path):
     command = [sys.executable, os.path.join(PACK_ROOT, "benchmarks", "run.py"), "--quick", "--results", str(tmp_path)]
     process = subprocess.run(command, env=dict(os.environ, COMFYUI_PATH=COMFYUI_PATH), capture_output=True, text=True,

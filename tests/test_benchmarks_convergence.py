@@ -23,6 +23,7 @@ if not COMFYUI_PATH:
 METHODS = {"controlnext", "controlnext_encoder", "controlnet"}
 
 
+@pytest.mark.slow
 def test_quick_convergence_study_runs_end_to_end(tmp_path):
     command = [sys.executable, os.path.join(PACK_ROOT, "benchmarks", "convergence.py"), "--quick",
                "--results", str(tmp_path), "--figures", str(tmp_path)]

@@ -23,6 +23,7 @@ def test_refresh_every_one_is_the_exact_default(tmp_path):
     assert torch.equal(sample(apply(model, file, control_image(), refresh_every=1), "sdxl", steps=4), exact)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family,layout", [("sd15", "mid"), ("sdxl", "base")])
 def test_refresh_every_k_encodes_at_steps_0_k_2k_and_repeats_exactly(tmp_path, monkeypatch, family, layout):
     model = tiny_model(family)

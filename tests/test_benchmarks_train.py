@@ -24,6 +24,7 @@ VARIANTS = {"bare", "controlnext", "controlnext_encoder", "controlnet", "control
 BYTES = {"float32": 4, "bfloat16": 2}
 
 
+@pytest.mark.slow
 def test_quick_training_benchmark_runs_end_to_end_and_writes_table_and_json(tmp_path):
     command = [sys.executable, os.path.join(PACK_ROOT, "benchmarks", "train_step.py"), "--quick", "--checkpointing",
                "--results", str(tmp_path)]

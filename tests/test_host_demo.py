@@ -30,6 +30,8 @@ from controlnext_demo import toy  # noqa: E402
 from controlnext_testbed import toy_shapes  # noqa: E402
 from server import ComfyServer, make_base_directory, one_thread_env, queue_command  # noqa: E402
 
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
 canny = host.importlib.import_module(f"{host.PACK_NAME}.controlnext_core.preprocess.canny").canny
 CONTROLS = 16  # new pictures queued: one sample each is noisy, their mean is not
 PANEL, SPACING, SCALE = toy_shapes.PICTURE, 2, 4  # the template's side-by-side picture: 3 panels, 2 px apart, 4x

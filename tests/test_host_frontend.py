@@ -34,6 +34,8 @@ from server_nodes.tiny_checkpoint import OFFICIAL_CHECKPOINTS  # noqa: E402
 sys.path.append(PACK_ROOT)
 from controlnext_queue.websocket import WebSocket  # noqa: E402
 
+pytestmark = [pytest.mark.server, pytest.mark.browser, pytest.mark.slow]
+
 ARTIFACTS = os.path.join(PACK_ROOT, "test-artifacts")
 CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",

@@ -30,6 +30,8 @@ from controlnext_testbed.official_layouts import random_encoder_state_dict  # no
 from conftest import PACK_ROOT  # noqa: E402
 from server import ComfyServer, make_base_directory  # noqa: E402
 
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
 SERVERS = 3
 ENCODER = "controlnext_sdxl_base.safetensors"
 SD15_ENCODER = "controlnext_sd15_mid.safetensors"  # cannot serve the SDXL model: the job that fails on a node

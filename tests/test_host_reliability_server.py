@@ -28,6 +28,8 @@ from controlnext_testbed.official_layouts import random_encoder_state_dict  # no
 from conftest import COMFYUI_PATH, PACK_ROOT  # noqa: E402
 from server import ComfyServer, execution_error, make_base_directory  # noqa: E402
 
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
 LOAD_PROMPTS = 50
 GOOD = ("good_a.safetensors", "good_b.safetensors")
 CONTROL_IMAGES = 4

@@ -16,6 +16,8 @@ from server import PACK_LINK_NAME, ComfyServer, comfy_command, execution_error, 
 import safetensors.torch
 from PIL import Image
 
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
 OUR_NODES = ("ControlNeXtLoader", "ControlNeXtApply", "ControlNeXtUNetWeights")
 ENCODERS = {"controlnext_sd15_mid.safetensors": "mid", "controlnext_sdxl_base.safetensors": "base"}
 

@@ -37,6 +37,8 @@ from server import (CONTROLNEXT_FILES, DWPOSE_FILES, ORDINARY_CONTROLNET, PACK_L
                     install_official_model_files, install_training_pictures, make_base_directory, queue_command,
                     runnable_on_tiny_models)
 
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
 WORKFLOWS = os.path.join(PACK_ROOT, "workflows")
 API_WORKFLOWS = os.path.join(WORKFLOWS, "api")
 # Every workflow in workflows/ (UI format) and workflows/api/, with the titles of the Load Image

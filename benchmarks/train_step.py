@@ -279,7 +279,7 @@ def worker(args) -> None:
     family = args.family
     pixels = QUICK_PIXELS if args.quick else SETTINGS[family]["pixels"]
     controlnet_dtype = SETTINGS[family]["controlnet_dtype"]
-    patch, nodes_train = comfy_host.pack("nodes.patch"), comfy_host.pack("nodes.train")
+    patch, train_data = comfy_host.pack("nodes.patch"), comfy_host.pack("nodes.train_data")
     core = comfy_host.pack("controlnext_core")
     started = time.perf_counter()
 
@@ -295,7 +295,7 @@ def worker(args) -> None:
                                    pixels, pixels)
     context_dim = model.model.model_config.unet_config["context_dim"]
     entries = [comfy_host.conditioning(family, context_dim, seed)[0] for seed in range(args.batch)]
-    conditioning = nodes_train.batch_conditioning(model, family, entries, latents.shape)
+    conditioning = train_data.batch_conditioning(model, family, entries, latents.shape)
     step = Step(model, family, latents, controls, conditioning)
 
     methods = {"bare": BareStep(step), "controlnext": ControlNeXtStep(step, True),

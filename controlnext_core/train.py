@@ -377,10 +377,10 @@ class Trainer:
         batch, self.data_order = self.data_order[:size], self.data_order[size:]
         return batch
 
-    def micro_batches(self, indices: Sequence[int]) -> list[list[int]]:
-        """A step's indices in the micro-batches that are computed one after the other."""
+    def micro_batches(self, values: Sequence) -> list[list]:
+        """A step's indices (or anything drawn per index) in the micro-batches computed one after the other."""
         size = self.settings.batch_size
-        return [list(indices[start:start + size]) for start in range(0, len(indices), size)]
+        return [list(values[start:start + size]) for start in range(0, len(values), size)]
 
     def empty_prompt_mask(self, size: int) -> list[bool]:
         """Which samples of a batch train with the empty prompt (``proportion_empty_prompts``)."""

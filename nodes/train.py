@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import logging
-import math
 import os
 import time
 
@@ -24,16 +22,18 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from ..controlnext_core import ControlNeXtError, injection_block, resize_control, rule_for
+from ..controlnext_core import ControlNeXtError, injection_block, rule_for
 from ..controlnext_core.checkpoints import checkpoint_folders, latest_checkpoint, resume, save_checkpoint
 from ..controlnext_core.dataset import load_training_pair, read_items
-from ..controlnext_core.train import (EMPTY_PROMPT, OPTIMIZERS, RECIPES, TRAIN_LAYOUT, Trainer, TrainingBatch,
+from ..controlnext_core.train import (EMPTY_PROMPT, OPTIMIZERS, RECIPES, TRAIN_LAYOUT, Trainer,
                                       TrainingDiverged, TrainingSettings, loss_summary, new_encoder, noise_schedule,
                                       release_metadata, release_unet_weights, save_release, trainable_copy,
                                       trainable_unet_names)
 from ..controlnext_core.unet_weights import OFFICIAL_MODE
 from .loaders import CATEGORY, FOLDER, ControlNeXtType, patch_unet_weights_from
 from .patch import LATENT_SCALE, PATCH_KIND, ControlNeXtFile, control_image_from_comfy, model_family, model_type_name
+from .train_data import (InMemoryPictures, LoadTrainingData, TrainingDataType, cached_pictures, encode_text, input_subfolder,
+                         input_subfolders)
 
 log = logging.getLogger("ControlNeXt")
 TRAIN_CATEGORY = f"{CATEGORY}/training"
@@ -161,20 +161,6 @@ def training_objective(model) -> tuple[str, torch.Tensor]:
     return prediction, noise_schedule(sampling.sigmas)
 
 
-def batch_conditioning(model, family: str, entries: list, latent_shape) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Stack CONDITIONING entries of one batch into (context, SDXL's y with the official time ids:
-    original and target size = the training size, crop 0)."""
-    tokens = math.lcm(*[entry[0].shape[1] for entry in entries])
-    context = torch.cat([entry[0].repeat(1, tokens // entry[0].shape[1], 1) for entry in entries])
-    if family != "sdxl":
-        return context, None
-    height, width = latent_shape[-2] * LATENT_SCALE, latent_shape[-1] * LATENT_SCALE
-    y = torch.cat([model.model.encode_adm(pooled_output=entry[1]["pooled_output"], width=width, height=height,
-                                          crop_w=0, crop_h=0, target_width=width, target_height=height)
-                   for entry in entries])
-    return context, y
-
-
 def check_conditioning(model, family: str, conditionings: list, what: str) -> None:
     """Captions encoded by another model's CLIP fail deep inside the UNet: say so before training."""
     config = model.model.model_config.unet_config
@@ -192,12 +178,6 @@ def check_conditioning(model, family: str, conditionings: list, what: str) -> No
                     f"SDXL training needs the pooled text embedding ({pooled_width} wide) in each conditioning; the "
                     f"{what} {index} has {'none' if pooled is None else pooled.shape[-1]}: encode the captions with "
                     f"an SDXL checkpoint's CLIP (CLIP Text Encode does).")
-
-
-def encode_text(clip, text: str) -> list:
-    tokens = clip.tokenize(text)
-    cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
-    return [[cond, {"pooled_output": pooled}]]
 
 
 @contextlib.contextmanager
@@ -236,12 +216,17 @@ def _autocast_dtype(precision: str, model) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def check_training_inputs(model, latents: torch.Tensor, images: torch.Tensor, positive: list) -> str:
+def training_family(model) -> str:
     family = model_family(model.model)
     if family not in ("sd15", "sdxl"):
         raise ControlNeXtError(
             f"Train ControlNeXt trains on SD1.5 and SDXL models (the official training code covers those two); "
             f"this is a {model_type_name(model.model)} model.")
+    return family
+
+
+def check_training_inputs(model, latents: torch.Tensor, images: torch.Tensor, positive: list) -> None:
+    family = training_family(model)
     if latents.ndim != 4:
         raise ControlNeXtError(f"The training latents must be an image LATENT batch [N,4,h,w]; got {list(latents.shape)}.")
     if images.shape[0] != latents.shape[0]:
@@ -253,7 +238,6 @@ def check_training_inputs(model, latents: torch.Tensor, images: torch.Tensor, po
             f"{len(positive)} conditionings for {latents.shape[0]} latents: give one (used for every picture) or "
             f"one per latent (a caption each).")
     check_conditioning(model, family, positive, "conditioning")
-    return family
 
 
 def control_scale_for(control_scale: float, controlnext) -> tuple[float, str]:
@@ -308,10 +292,13 @@ class TrainControlNeXt(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The SD1.5 or SDXL model to train for (a fine-tune works; its "
                                                 "prediction type, eps or v, and noise schedule are used)."),
-                io.Latent.Input("latents", tooltip="The training pictures, VAE-encoded (one latent per picture)."),
-                io.Conditioning.Input("positive", tooltip="The captions: one conditioning for all pictures, or one "
+                io.Latent.Input("latents", optional=True,
+                                tooltip="The training pictures, VAE-encoded (one latent per picture); or use data."),
+                io.Conditioning.Input("positive", optional=True,
+                                      tooltip="The captions: one conditioning for all pictures, or one "
                                                           "per picture (Load Training Pictures gives one per picture)."),
-                io.Image.Input("control_images", tooltip="One control image per picture (canny, depth, pose...), "
+                io.Image.Input("control_images", optional=True,
+                               tooltip="One control image per picture (canny, depth, pose...), "
                                                          "the same size as the pictures; resized if not."),
                 io.Int.Input("steps", default=400, min=1, max=100000,
                              tooltip="Optimiser steps. The paper reports convergence in about 400."),
@@ -356,6 +343,11 @@ class TrainControlNeXt(io.ComfyNode):
                                               "control_scale is set."),
                 io.Clip.Input("clip", optional=True,
                               tooltip="Encodes the empty prompt for proportion_empty_prompts."),
+                TrainingDataType.Input("data", optional=True,
+                                       tooltip="Instead of latents, positive and control_images: a folder from Load "
+                                               "Training Data, encoded once into its cache (needs vae and clip) and "
+                                               "read from disk batch by batch."),
+                io.Vae.Input("vae", optional=True, tooltip="Encodes the data's pictures into the cache."),
                 io.Int.Input("gradient_accumulation_steps", default=1, min=1, max=1024, optional=True,
                              tooltip="Batches computed one after the other per optimiser step: a step trains on "
                                      "batch_size x this many pictures for the memory of batch_size."),
@@ -400,14 +392,13 @@ class TrainControlNeXt(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, model, latents, positive, control_images, steps: int, batch_size: int, encoder_lr: float,
-                unet_lr: float, train_unet: str, optimizer: str, warmup_steps: int, control_scale: float,
-                proportion_empty_prompts: float, seed: int, gradient_checkpointing: bool, precision: str,
-                controlnext=None, clip=None, gradient_accumulation_steps: int = 1, checkpoint_name: str = "",
-                checkpoint_every: int = 100, resume: str = RESUME_CHOICES[0]) -> io.NodeOutput:
-        samples = latents["samples"]
-        images = control_image_from_comfy(control_images)
-        family = check_training_inputs(model, samples, images, positive)
+    def execute(cls, model, steps: int, batch_size: int, encoder_lr: float, unet_lr: float, train_unet: str,
+                optimizer: str, warmup_steps: int, control_scale: float, proportion_empty_prompts: float, seed: int,
+                gradient_checkpointing: bool, precision: str, latents=None, positive=None, control_images=None,
+                controlnext=None, clip=None, data=None, vae=None, gradient_accumulation_steps: int = 1,
+                checkpoint_name: str = "", checkpoint_every: int = 100,
+                resume: str = RESUME_CHOICES[0]) -> io.NodeOutput:
+        family = training_family(model)
         if proportion_empty_prompts > 0 and clip is None:
             raise ControlNeXtError("proportion_empty_prompts is above 0: connect the checkpoint's CLIP to the clip "
                                    "input so the empty prompt can be encoded.")
@@ -418,6 +409,22 @@ class TrainControlNeXt(io.ComfyNode):
                 f"encoder.")
         node_id, prompt = getattr(cls.hidden, "unique_id", None), getattr(cls.hidden, "prompt", None)  # None outside a server
         check_saves_fed_by(prompt, node_id)
+        device = comfy.model_management.get_torch_device()
+        data_note = ""
+        if data is not None:
+            if vae is None or clip is None:
+                raise ControlNeXtError("Training from data encodes its pictures and captions: connect the "
+                                       "checkpoint's VAE to vae and its CLIP to clip.")
+            check_conditioning(model, family, encode_text(clip, ""), "conditioning of this CLIP")
+            pictures, data_note = cached_pictures(data, model, vae, clip, family, node_id, device)
+        else:
+            if latents is None or positive is None or control_images is None:
+                raise ControlNeXtError("Connect latents, positive and control_images (pictures in memory), or data "
+                                       "(a folder from Load Training Data) with vae and clip.")
+            samples, images = latents["samples"], control_image_from_comfy(control_images)
+            check_training_inputs(model, samples, images, positive)
+            with torch.inference_mode(False):  # tensors a backward pass may keep
+                pictures = InMemoryPictures(model, family, samples, images, positive, device)
         scale, scale_note = control_scale_for(control_scale, controlnext)
         prediction, alphas_cumprod = training_objective(model)
         official = optimizer == OFFICIAL
@@ -434,9 +441,9 @@ class TrainControlNeXt(io.ComfyNode):
             encoder = new_encoder(settings.seed) if controlnext is None else trainable_copy(controlnext.encoder)
         base_model = base_model_name(prompt, node_id, model)
         plan = CheckpointPlan(checkpoint_name, checkpoint_every, resume,
-                              {"base_model": base_model, "data": data_digest(samples, images, positive)}, base_model,
+                              {"base_model": base_model, "data": pictures.digest}, base_model,
                               diffusers_names(model)) if checkpoint_name.strip() else None
-        run = train(model, family, samples, images, positive, empty, settings, encoder, gradient_checkpointing,
+        run = train(model, family, pictures, empty, settings, encoder, gradient_checkpointing,
                     _autocast_dtype(precision, model), alphas_cumprod, node_id, plan)
         name = f"trained ControlNeXt ({family}, {run.trainer.steps_done} steps)"
         file_weights = release_file_weights(run.unet_file_weights, diffusers_names(model))
@@ -445,7 +452,7 @@ class TrainControlNeXt(io.ComfyNode):
         patched = (patch_unet_weights_from(model, file_weights, name, 1.0, OFFICIAL_MODE[family]) if file_weights
                    else model.clone())
         message = " ".join(part for part in (
-            run.message, loss_summary(run.trainer.losses) + ".", f"{prediction} target; {recipe_text(settings)}.",
+            data_note, run.message, loss_summary(run.trainer.losses) + ".", f"{prediction} target; {recipe_text(settings)}.",
             scale_note) if part)
         log.info("ControlNeXt training: %s", message)
         return io.NodeOutput(trained, patched, {"loss": list(run.trainer.losses)}, ui={"controlnext_info": [message]})
@@ -487,15 +494,6 @@ def release_file_weights(unet_weights: dict[str, torch.Tensor], diffusers: dict[
     return {diffusers[name]: value for name, value in unet_weights.items()}
 
 
-def data_digest(samples: torch.Tensor, images: torch.Tensor, positive: list) -> str:
-    """What the run trains on, in a few characters: a checkpoint of other data is not continued."""
-    digest = hashlib.sha256()
-    for tensor in [samples, images] + [t for cond, extra in positive
-                                       for t in (cond, extra.get("pooled_output")) if t is not None]:
-        digest.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 class TrainingRun:
     """What ``train`` leaves: the trainer (weights, losses), the release's UNet file weights by the
     UNet's own names, and how the run ended."""
@@ -516,9 +514,9 @@ def cancelled(progress, done: int, total: int) -> bool:
     return False
 
 
-def train(model, family: str, samples: torch.Tensor, images: torch.Tensor, positive: list, empty: list | None,
-          settings: TrainingSettings, encoder, use_checkpointing: bool, autocast_dtype,
-          alphas_cumprod: torch.Tensor | None, node_id, plan: CheckpointPlan | None = None) -> TrainingRun:
+def train(model, family: str, pictures, empty: list | None, settings: TrainingSettings, encoder,
+          use_checkpointing: bool, autocast_dtype, alphas_cumprod: torch.Tensor | None, node_id,
+          plan: CheckpointPlan | None = None) -> TrainingRun:
     """The training loop: progress with the loss, checkpoints; Cancel and divergence stop it and keep
     the last good step (with a checkpoint where the run writes them)."""
     device = comfy.model_management.get_torch_device()
@@ -531,12 +529,6 @@ def train(model, family: str, samples: torch.Tensor, images: torch.Tensor, posit
             trainer = Trainer(encoder, base_weights, settings, device, alphas_cumprod)
             denoiser.train_through(trainer.unet_parameters)
             started = plan.start(trainer) if plan else ""
-            latents = model.model.process_latent_in(samples.to(device, torch.float32))
-            height, width = samples.shape[-2] * LATENT_SCALE, samples.shape[-1] * LATENT_SCALE
-            if tuple(images.shape[-2:]) != (height, width):
-                log.info("ControlNeXt training: control images %sx%s resized to the pictures' %sx%s.",
-                         images.shape[-1], images.shape[-2], width, height)
-            controls = resize_control(images, height, width).to(device)
             scaler = (torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 and device.type == "cuda"
                       else None)
             progress = comfy.utils.ProgressBar(settings.steps, node_id=node_id)
@@ -548,13 +540,10 @@ def train(model, family: str, samples: torch.Tensor, images: torch.Tensor, posit
                 if cancelled(progress, trainer.steps_done, settings.steps):
                     stop = f"Cancelled after {trainer.steps_done} of {settings.steps} steps; kept what was trained."
                     break
-                indices = trainer.batch_indices(samples.shape[0])
-                empties = dict(zip(indices, trainer.empty_prompt_mask(len(indices))))
-                parts = []
-                for part in trainer.micro_batches(indices):
-                    entries = [empty[0] if empties[i] else positive[i if len(positive) > 1 else 0] for i in part]
-                    parts.append(TrainingBatch(latents[part], controls[part],
-                                               batch_conditioning(model, family, entries, samples.shape)))
+                indices = trainer.batch_indices(pictures.count)
+                empties = trainer.empty_prompt_mask(len(indices))
+                parts = [pictures.batch(part, empty, flags)
+                         for part, flags in zip(trainer.micro_batches(indices), trainer.micro_batches(empties))]
                 try:
                     loss = trainer.step(denoiser, parts, autocast_dtype, scaler)
                 except comfy.model_management.InterruptProcessingException:
@@ -672,24 +661,6 @@ class SaveControlNeXt(io.ComfyNode):
         return io.NodeOutput(folder, ui={"controlnext_info": [f"Saved {', '.join(paths)}"]})
 
 
-def training_folders() -> list[str]:
-    """The input folder's subfolders: a graph reads pictures from inside ComfyUI's input folder only."""
-    return sorted(folder_paths.get_input_subfolders())
-
-
-def _input_subfolder(folder: str) -> str:
-    """The path of a subfolder of ComfyUI's input folder, refusing anything outside it."""
-    root = os.path.realpath(folder_paths.get_input_directory())
-    path = os.path.realpath(os.path.join(root, folder))
-    if os.path.isabs(folder) or os.path.commonpath([root, path]) != root or path == root:
-        raise ControlNeXtError(f"'{folder}' is not a folder inside ComfyUI's input folder: put the pictures in a "
-                               f"subfolder of {root} and pick it from the list.")
-    if not os.path.isdir(path):
-        raise ControlNeXtError(f"The input folder has no subfolder '{folder}': put the pictures in "
-                               f"{os.path.join(root, folder)} (refresh the list after adding one).")
-    return path
-
-
 class LoadTrainingPictures(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -700,7 +671,7 @@ class LoadTrainingPictures(io.ComfyNode):
             description="A folder of pictures as a square IMAGE batch (shorter side scaled, centre crop, as the official "
                         "training data), with each picture's caption from the .txt file of the same name.",
             inputs=[
-                io.Combo.Input("folder", options=training_folders(),
+                io.Combo.Input("folder", options=input_subfolders(),
                                tooltip="A subfolder of ComfyUI's input folder holding the pictures (and their "
                                        ".txt captions)."),
                 io.Clip.Input("clip", tooltip="Encodes the captions."),
@@ -718,10 +689,10 @@ class LoadTrainingPictures(io.ComfyNode):
     def execute(cls, folder: str, clip, resolution: int, default_caption: str) -> io.NodeOutput:
         if resolution % LATENT_SCALE:
             raise ControlNeXtError(f"resolution {resolution} is not a multiple of 8.")
-        items = read_items(_input_subfolder(folder), "pictures", default_caption=default_caption)
+        items = read_items(input_subfolder(folder), "pictures", default_caption=default_caption)
         images = torch.stack([load_training_pair(item, resolution)[0] for item in items])
         conditioning = [entry for item in items for entry in encode_text(clip, item.caption)]
         return io.NodeOutput(images, conditioning, len(items))
 
 
-TRAIN_NODES = [LoadTrainingPictures, TrainControlNeXt, SaveControlNeXt]
+TRAIN_NODES = [LoadTrainingPictures, LoadTrainingData, TrainControlNeXt, SaveControlNeXt]

@@ -16,6 +16,7 @@ from host import apply, conditioning, models_folder, sample, tiny_model  # noqa:
 import comfy.model_management
 
 train_nodes = host.importlib.import_module(f"{host.PACK_NAME}.nodes.train")
+train_data = host.importlib.import_module(f"{host.PACK_NAME}.nodes.train_data")
 loaders = host.loaders
 Train, Save = train_nodes.TrainControlNeXt, train_nodes.SaveControlNeXt
 
@@ -169,7 +170,7 @@ def test_load_training_pictures_reads_captions_and_crops(input_folder):
     (folder / "notes.md").write_text("not a picture")
     (input_folder / "empty").mkdir()
     clip = FakeClip()
-    assert {"pictures", "empty"} <= set(train_nodes.training_folders())
+    assert {"pictures", "empty"} <= set(train_nodes.input_subfolders())
     images, positive, count = train_nodes.LoadTrainingPictures.execute("pictures", clip, 64, "default").result
     assert images.shape == (2, 64, 64, 3) and count == 2 and len(positive) == 2
     assert clip.texts == ["a red square", "default"]
@@ -239,7 +240,7 @@ def test_v_prediction_models_train_on_the_velocity_with_their_own_schedule():
                 denoiser.train_through(trainer.unet_parameters)
                 controls = host.core.resize_control(host.patch_module.control_image_from_comfy(images), 64, 64)
                 samples = model.model.process_latent_in(latents["samples"])
-                context = train_nodes.batch_conditioning(model, "sd15", conditioning("sd15", 1) * 2, samples.shape)
+                context = train_data.batch_conditioning(model, "sd15", conditioning("sd15", 1) * 2, samples.shape)
                 for _ in range(2):
                     indices = trainer.batch_indices(4)
                     trainer.step(denoiser, train.TrainingBatch(samples[indices], controls[indices], context))
@@ -382,3 +383,70 @@ def test_gradient_accumulation_through_the_node_trains_the_batch_it_adds_up_to()
     parts = run_train("sd15", steps=2, batch_size=2, gradient_accumulation_steps=2, optimizer="adamw",
                       precision="fp32")
     assert parts.result[2]["loss"] == pytest.approx(whole.result[2]["loss"], rel=1e-6)
+
+
+def training_folder(root, count: int = 5) -> None:
+    """Pictures of a block, their controls (the block's outline) in conditioning_images/, captions."""
+    (root / "conditioning_images").mkdir(parents=True)
+    for index in range(count):
+        picture = np.full((72, 96, 3), 20, np.uint8)
+        picture[8 + 6 * index:40 + 6 * index, 20:60] = (220, 160, 40)
+        control = np.zeros((72, 96, 3), np.uint8)
+        control[8 + 6 * index:40 + 6 * index, 20:60] = 255
+        Image.fromarray(picture).save(root / f"block_{index}.png")
+        Image.fromarray(control).save(root / "conditioning_images" / f"block_{index}.png")
+        (root / f"block_{index}.txt").write_text(f"block {index}", encoding="utf-8")
+
+
+def test_training_from_a_folder_streams_from_its_cache_and_equals_the_same_pictures_in_memory(input_folder):
+    """Load Training Data -> Train ControlNeXt encodes the folder once into its cache (a second run
+    encodes nothing, a changed picture alone is encoded again) and trains the same steps as the same
+    pictures given as LATENT / IMAGE / CONDITIONING."""
+    from server_nodes.tiny_checkpoint import tiny_clip, tiny_vae
+
+    training_folder(input_folder / "blocks")
+    clip, vae = tiny_clip("sd15"), tiny_vae()
+    data, count = train_data.LoadTrainingData.execute("blocks", "auto", 64, "conditioning_images", ".txt", "", "none",
+                                                      "image", "conditioning_image", "text").result
+    assert count == 5 and all(item.control for item in data.items)
+    settings = dict(steps=3, batch_size=2, optimizer="adamw", encoder_lr=1e-3, unet_lr=1e-3, precision="fp32",
+                    gradient_checkpointing=False)
+    model = tiny_model("sd15")
+    from_data = run_train("sd15", model=model, latents=None, positive=None, control_images=None, data=data,
+                          vae=vae, clip=clip, **settings)
+    assert "Encoded 5 of 5 pairs into the cache" in from_data.ui["controlnext_info"][0]
+    pairs = [train_data.load_training_pair(item, 64) for item in data.items]
+    pictures, controls = torch.stack([p for p, _ in pairs]), torch.stack([c for _, c in pairs])
+    with torch.no_grad():  # as ComfyUI runs the nodes that would make them
+        latents = {"samples": torch.cat([vae.encode(picture[None]) for picture in pictures])}  # one by one, as cached
+        positive = [entry for item in data.items for entry in train_data.encode_text(clip, item.caption)]
+    in_memory = run_train("sd15", model=model, latents=latents, control_images=controls, positive=positive,
+                          **settings)
+    assert from_data.result[2]["loss"] == in_memory.result[2]["loss"]
+    again = run_train("sd15", model=model, latents=None, positive=None, control_images=None, data=data, vae=vae,
+                      clip=clip, **settings)
+    assert "All 5 pairs were in the cache" in again.ui["controlnext_info"][0]
+    assert again.result[2]["loss"] == from_data.result[2]["loss"]
+    Image.fromarray(np.full((72, 96, 3), 90, np.uint8)).save(input_folder / "blocks" / "block_2.png")
+    changed = run_train("sd15", model=model, latents=None, positive=None, control_images=None, data=data, vae=vae,
+                        clip=clip, **settings)
+    assert "Encoded 1 of 5 pairs" in changed.ui["controlnext_info"][0]
+    assert "blocks" not in [name for name in train_data.input_subfolders() if ".controlnext_cache" in name]
+
+
+def test_training_data_without_controls_needs_a_maker_and_makes_canny_once(input_folder):
+    from server_nodes.tiny_checkpoint import tiny_clip, tiny_vae
+
+    training_folder(input_folder / "photos")
+    import shutil
+    shutil.rmtree(input_folder / "photos" / "conditioning_images")
+    arguments = ["photos", "auto", 64, "conditioning_images", ".txt", "", "none", "image", "conditioning_image", "text"]
+    with pytest.raises(host.core.ControlNeXtError, match="pictures without controls.*make_controls"):
+        train_data.LoadTrainingData.execute(*arguments)
+    arguments[6] = "canny"
+    data = train_data.LoadTrainingData.execute(*arguments).result[0]
+    result = run_train("sd15", steps=1, latents=None, positive=None, control_images=None, data=data,
+                       vae=tiny_vae(), clip=tiny_clip("sd15"))
+    assert "Encoded 5 of 5 pairs" in result.ui["controlnext_info"][0]
+    with pytest.raises(host.core.ControlNeXtError, match="connect the checkpoint's VAE"):
+        run_train("sd15", steps=1, latents=None, positive=None, control_images=None, data=data)

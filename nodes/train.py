@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 import comfy.model_management
 import comfy.model_sampling
+import comfy.sample
 import comfy.utils
 import folder_paths
 from comfy_api.latest import io
@@ -31,7 +32,8 @@ from ..controlnext_core.train import (EMPTY_PROMPT, OPTIMIZERS, RECIPES, TRAIN_L
                                       trainable_unet_names)
 from ..controlnext_core.unet_weights import OFFICIAL_MODE
 from .loaders import CATEGORY, FOLDER, ControlNeXtType, patch_unet_weights_from
-from .patch import LATENT_SCALE, PATCH_KIND, ControlNeXtFile, control_image_from_comfy, model_family, model_type_name
+from .patch import (LATENT_SCALE, NO_OPTIONS, PATCH_KIND, ControlNeXtFile, attach, control_image_from_comfy, make_patch,
+                    model_family, model_type_name)
 from .train_data import (InMemoryPictures, LoadTrainingData, TrainingDataType, cached_pictures, encode_text, input_subfolder,
                          input_subfolders)
 
@@ -348,6 +350,17 @@ class TrainControlNeXt(io.ComfyNode):
                                                "Training Data, encoded once into its cache (needs vae and clip) and "
                                                "read from disk batch by batch."),
                 io.Vae.Input("vae", optional=True, tooltip="Encodes the data's pictures into the cache."),
+                io.Image.Input("validation_images", optional=True,
+                               tooltip="Control images to sample with the current weights every validation_every "
+                                       "steps (the same seed and noise each time; needs vae), shown on the node and "
+                                       "saved under output/controlnext_validation/, with one strip of all of them at "
+                                       "the end."),
+                io.Conditioning.Input("validation_positive", optional=True,
+                                      tooltip="The validation prompt: one for all validation images, or one each."),
+                io.Conditioning.Input("validation_negative", optional=True,
+                                      tooltip="The validation negative prompt (CFG 5); without it, CFG 1."),
+                io.Int.Input("validation_every", default=100, min=1, max=100000, optional=True,
+                             tooltip="Steps between validation samples (20 euler steps each)."),
                 io.Int.Input("gradient_accumulation_steps", default=1, min=1, max=1024, optional=True,
                              tooltip="Batches computed one after the other per optimiser step: a step trains on "
                                      "batch_size x this many pictures for the memory of batch_size."),
@@ -396,8 +409,9 @@ class TrainControlNeXt(io.ComfyNode):
                 optimizer: str, warmup_steps: int, control_scale: float, proportion_empty_prompts: float, seed: int,
                 gradient_checkpointing: bool, precision: str, latents=None, positive=None, control_images=None,
                 controlnext=None, clip=None, data=None, vae=None, gradient_accumulation_steps: int = 1,
-                checkpoint_name: str = "", checkpoint_every: int = 100,
-                resume: str = RESUME_CHOICES[0]) -> io.NodeOutput:
+                checkpoint_name: str = "", checkpoint_every: int = 100, resume: str = RESUME_CHOICES[0],
+                validation_images=None, validation_positive=None, validation_negative=None,
+                validation_every: int = 100) -> io.NodeOutput:
         family = training_family(model)
         if proportion_empty_prompts > 0 and clip is None:
             raise ControlNeXtError("proportion_empty_prompts is above 0: connect the checkpoint's CLIP to the clip "
@@ -443,8 +457,16 @@ class TrainControlNeXt(io.ComfyNode):
         plan = CheckpointPlan(checkpoint_name, checkpoint_every, resume,
                               {"base_model": base_model, "data": pictures.digest}, base_model,
                               diffusers_names(model)) if checkpoint_name.strip() else None
+        validation = None
+        if validation_images is not None:
+            if validation_positive is None or vae is None:
+                raise ControlNeXtError("Validation samples need validation_positive (their prompt) and the "
+                                       "checkpoint's VAE (to decode them).")
+            validation = ValidationPlan(model, family, vae, validation_images, validation_positive,
+                                        validation_negative, validation_every, seed,
+                                        checkpoint_name.strip() or f"run-{node_id or 'local'}")
         run = train(model, family, pictures, empty, settings, encoder, gradient_checkpointing,
-                    _autocast_dtype(precision, model), alphas_cumprod, node_id, plan)
+                    _autocast_dtype(precision, model), alphas_cumprod, node_id, plan, validation)
         name = f"trained ControlNeXt ({family}, {run.trainer.steps_done} steps)"
         file_weights = release_file_weights(run.unet_file_weights, diffusers_names(model))
         metadata = release_metadata(family, settings.control_scale, run.trainer.steps_done, base_model)
@@ -454,8 +476,13 @@ class TrainControlNeXt(io.ComfyNode):
         message = " ".join(part for part in (
             data_note, run.message, loss_summary(run.trainer.losses) + ".", f"{prediction} target; {recipe_text(settings)}.",
             scale_note) if part)
+        ui = {"controlnext_info": [message]}
+        if validation is not None and validation.rounds:
+            ui["images"] = [validation.strip()]
+            message += f" {validation.summary()}"
+            ui["controlnext_info"] = [message]
         log.info("ControlNeXt training: %s", message)
-        return io.NodeOutput(trained, patched, {"loss": list(run.trainer.losses)}, ui={"controlnext_info": [message]})
+        return io.NodeOutput(trained, patched, {"loss": list(run.trainer.losses)}, ui=ui)
 
 
 class CheckpointPlan:
@@ -494,6 +521,77 @@ def release_file_weights(unet_weights: dict[str, torch.Tensor], diffusers: dict[
     return {diffusers[name]: value for name, value in unet_weights.items()}
 
 
+VALIDATION_STEPS, VALIDATION_CFG = 20, 5.0
+
+
+class ValidationPlan:
+    """Samples of fixed controls with the weights of the moment, every N steps (the official scripts'
+    --validation_image / --validation_prompt / --validation_steps), through ComfyUI's sampler and the
+    same patch as Apply ControlNeXt; the same seed and noise each time, so the pictures show what
+    training changed."""
+
+    def __init__(self, model, family: str, vae, images: torch.Tensor, positive: list, negative: list | None,
+                 every: int, seed: int, label: str):
+        self.model, self.family, self.vae, self.every = model, family, vae, every
+        self.controls = control_image_from_comfy(images)
+        self.positive, self.negative = positive, negative if negative is not None else positive
+        self.cfg = VALIDATION_CFG if negative is not None else 1.0
+        count, height, width = images.shape[0], images.shape[1] // LATENT_SCALE, images.shape[2] // LATENT_SCALE
+        self.seed = seed
+        self.noise = torch.randn((count, 4, height, width), generator=torch.Generator().manual_seed(seed))
+        self.folder = os.path.join(folder_paths.get_output_directory(), "controlnext_validation", label)
+        self.label = label
+        self.rounds: list[tuple[int, torch.Tensor]] = []
+        self.seconds = 0.0
+
+    def due(self, steps_done: int) -> bool:
+        return steps_done % self.every == 0
+
+    def sample(self, trainer: Trainer, base_weights: dict[str, torch.Tensor], denoiser: "ComfyDenoiser") -> None:
+        started = time.perf_counter()
+        settings = trainer.settings
+        encoder = trainable_copy(trainer.encoder).eval().requires_grad_(False)
+        encoder.control_scale = settings.control_scale
+        metadata = release_metadata(settings.family, settings.control_scale, trainer.steps_done, self.label)
+        file = TrainedControlNeXt(f"validation at step {trainer.steps_done}", encoder, {}, metadata)
+        unet_file = release_file_weights(release_unet_weights(trainer.trained_unet(), base_weights, self.family),
+                                         diffusers_names(self.model))
+        model = (patch_unet_weights_from(self.model, unet_file, file.name, 1.0, OFFICIAL_MODE[self.family])
+                 if unet_file else self.model)
+        patch = make_patch(file, model.model, model.get_model_object("model_sampling"), self.controls, 1.0,
+                           (0.0, 1.0), NO_OPTIONS)
+        with torch.no_grad():
+            latents = comfy.sample.sample(attach(model, patch), self.noise, VALIDATION_STEPS, self.cfg, "euler",
+                                          "normal", self.positive, self.negative, torch.zeros_like(self.noise),
+                                          seed=self.seed, disable_pbar=True)
+            pictures = self.vae.decode(latents).clamp(0, 1).cpu()
+        self.rounds.append((trainer.steps_done, pictures))
+        for index, picture in enumerate(pictures):
+            self._save(picture, f"step-{trainer.steps_done:06d}_{index}.png")
+        # the sampler loaded the validation model: the training clone goes back in, with its weight wrappers
+        comfy.model_management.load_models_gpu([denoiser.patcher], memory_required=1e20, force_full_load=True)
+        self.seconds += time.perf_counter() - started
+
+    def strip(self) -> dict:
+        """All rounds side by side (a row per validation image), saved; the node's preview of it."""
+        rows = [torch.cat([pictures[index] for _, pictures in self.rounds], dim=1)
+                for index in range(self.rounds[0][1].shape[0])]
+        return self._save(torch.cat(rows, dim=0), "strip.png")
+
+    def summary(self) -> str:
+        steps = ", ".join(str(step) for step, _ in self.rounds)
+        return (f"Validation samples at steps {steps} ({self.seconds / len(self.rounds):.1f} s each) in "
+                f"{self.folder}.")
+
+    def _save(self, picture: torch.Tensor, name: str) -> dict:
+        from PIL import Image
+
+        os.makedirs(self.folder, exist_ok=True)
+        Image.fromarray((picture.numpy() * 255).round().astype("uint8")).save(os.path.join(self.folder, name))
+        subfolder = os.path.relpath(self.folder, folder_paths.get_output_directory())
+        return {"filename": name, "subfolder": subfolder, "type": "output"}
+
+
 class TrainingRun:
     """What ``train`` leaves: the trainer (weights, losses), the release's UNet file weights by the
     UNet's own names, and how the run ended."""
@@ -516,7 +614,7 @@ def cancelled(progress, done: int, total: int) -> bool:
 
 def train(model, family: str, pictures, empty: list | None, settings: TrainingSettings, encoder,
           use_checkpointing: bool, autocast_dtype, alphas_cumprod: torch.Tensor | None, node_id,
-          plan: CheckpointPlan | None = None) -> TrainingRun:
+          plan: CheckpointPlan | None = None, validation: ValidationPlan | None = None) -> TrainingRun:
     """The training loop: progress with the loss, checkpoints; Cancel and divergence stop it and keep
     the last good step (with a checkpoint where the run writes them)."""
     device = comfy.model_management.get_torch_device()
@@ -534,11 +632,22 @@ def train(model, family: str, pictures, empty: list | None, settings: TrainingSe
             progress = comfy.utils.ProgressBar(settings.steps, node_id=node_id)
             message = f"Trained {settings.steps} steps."
             log_every, next_log = max(1, settings.steps // LOG_LINES), time.monotonic() + LOG_SECONDS
-            written = None
-            stop = None
-            while trainer.steps_done < settings.steps:
+            written = stop = None
+            cancel_text = "Cancelled after {} of {} steps; kept what was trained."
+
+            def sample_validation() -> str | None:
+                """A validation round; a Cancel during its sampling ends the run as one between steps does."""
+                try:
+                    validation.sample(trainer, base_weights, denoiser)
+                except comfy.model_management.InterruptProcessingException:
+                    return cancel_text.format(trainer.steps_done, settings.steps)
+                return None
+
+            if validation and trainer.steps_done == 0:
+                stop = sample_validation()  # the untrained start, for comparison
+            while trainer.steps_done < settings.steps and not stop:
                 if cancelled(progress, trainer.steps_done, settings.steps):
-                    stop = f"Cancelled after {trainer.steps_done} of {settings.steps} steps; kept what was trained."
+                    stop = cancel_text.format(trainer.steps_done, settings.steps)
                     break
                 indices = trainer.batch_indices(pictures.count)
                 empties = trainer.empty_prompt_mask(len(indices))
@@ -550,7 +659,7 @@ def train(model, family: str, pictures, empty: list | None, settings: TrainingSe
                     # ComfyUI (v0.33+) also checks for a Cancel in every layer: the step in progress is
                     # dropped before the optimiser moved, the flag is cleared, the steps done are kept
                     trainer.optimizer.zero_grad(set_to_none=True)
-                    stop = f"Cancelled after {trainer.steps_done} of {settings.steps} steps; kept what was trained."
+                    stop = cancel_text.format(trainer.steps_done, settings.steps)
                     break
                 except TrainingDiverged as error:
                     if trainer.steps_done == 0:
@@ -565,8 +674,12 @@ def train(model, family: str, pictures, empty: list | None, settings: TrainingSe
                     next_log = time.monotonic() + LOG_SECONDS
                 if plan and trainer.steps_done % plan.every == 0:
                     written = plan.write(trainer, base_weights)
-            else:
+                if validation and validation.due(trainer.steps_done):
+                    stop = sample_validation()
+            if not stop:
                 cancelled(progress, settings.steps, settings.steps)  # the full bar; a Cancel now has nothing to stop
+            if not stop and validation and validation.rounds[-1][0] != trainer.steps_done:
+                stop = sample_validation()  # the strip ends with the weights trained
             if stop:
                 message = stop
                 log.warning("ControlNeXt training: %s", message)

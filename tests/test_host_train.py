@@ -14,6 +14,7 @@ import host  # skips this module without a ComfyUI host
 from host import apply, conditioning, models_folder, sample, tiny_model  # noqa: F401 (models_folder: a fixture)
 
 import comfy.model_management
+import comfy.sample
 
 train_nodes = host.importlib.import_module(f"{host.PACK_NAME}.nodes.train")
 train_data = host.importlib.import_module(f"{host.PACK_NAME}.nodes.train_data")
@@ -451,3 +452,32 @@ def test_training_data_without_controls_needs_a_maker_and_makes_canny_once(input
     assert "Encoded 5 of 5 pairs" in result.ui["controlnext_info"][0]
     with pytest.raises(host.core.ControlNeXtError, match="connect the checkpoint's VAE"):
         run_train("sd15", steps=1, latents=None, positive=None, control_images=None, data=data)
+
+
+def test_validation_samples_show_each_rounds_weights_as_apply_controlnext_samples_them(tmp_path, monkeypatch):
+    """Every 2 steps (and before the first) the validation controls are sampled with the weights of
+    that moment; the last round is the picture Apply ControlNeXt + the sampler give with the node's
+    outputs, and the strip holds every round."""
+    from server_nodes.tiny_checkpoint import tiny_vae
+
+    monkeypatch.setattr(host.folder_paths, "output_directory", str(tmp_path))
+    vae, controls, positive = tiny_vae(), squares()[1][:2], conditioning("sd15", 1)
+    result = run_train("sd15", steps=4, validation_images=controls, validation_positive=positive, vae=vae,
+                       validation_every=2, checkpoint_name="")
+    folder = tmp_path / "controlnext_validation" / "run-local"
+    assert sorted(os.listdir(folder)) == sorted([f"step-{step:06d}_{i}.png" for step in (0, 2, 4) for i in (0, 1)]
+                                                + ["strip.png"])
+    assert result.ui["images"] == [{"filename": "strip.png", "subfolder": os.path.join("controlnext_validation",
+                                                                                       "run-local"), "type": "output"}]
+    assert "Validation samples at steps 0, 2, 4" in result.ui["controlnext_info"][0]
+    trained, patched, _ = result.result
+    noise = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        latents = comfy.sample.sample(apply(patched, trained, controls), noise, 20, 1.0, "euler", "normal", positive,
+                                      positive, torch.zeros_like(noise), seed=3, disable_pbar=True)
+        expected = (vae.decode(latents).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    assert np.array_equal(np.asarray(Image.open(folder / "step-000004_1.png")), expected[1])
+    first = np.asarray(Image.open(folder / "step-000000_1.png"))
+    assert not np.array_equal(first, expected[1])  # training changed the samples
+    strip = np.asarray(Image.open(folder / "strip.png"))
+    assert strip.shape == (2 * 64, 3 * 64, 3)

@@ -1,6 +1,8 @@
 """The demo's trained toy world: the convergence study's toy base (controlnext_testbed/toy_world.py)
 and a canny ControlNeXt trained on it by the pack's own Train ControlNeXt node, kept in a cache
-folder under a digest of the code that trains them (a change to that code trains them again).
+folder under a digest of the code that trains them (a change to that code trains them again). The
+world, most of the time, is kept apart under a digest of its own code and settings: a change to
+the pack's nodes trains the ControlNeXt again, on the same world.
 
 Needs ComfyUI on sys.path (controlnext_testbed.comfy_library.use_comfyui).
 """
@@ -22,9 +24,9 @@ from controlnext_testbed import comfy_library, toy_shapes, toy_world
 BASE_FILE = "toy_shapes_base.safetensors"
 RELEASE_FOLDER = "toy_shapes_canny"  # holds controlnet.safetensors, as Save ControlNeXt writes a release
 REPORT_FILE = "trained.json"
-# What the trained files depend on: a change to any of these trains them again.
-TRAINING_SOURCES = ("controlnext_demo/toy.py", "controlnext_testbed/toy_shapes.py", "controlnext_testbed/toy_world.py",
-                    "controlnext_core", "nodes")
+# What the world depends on (with its settings), and what the trained ControlNeXt depends on.
+WORLD_SOURCES = ("controlnext_testbed/toy_shapes.py", "controlnext_testbed/toy_world.py", "controlnext_core")
+TRAINING_SOURCES = ("controlnext_demo/toy.py", *WORLD_SOURCES, "nodes")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,9 +50,10 @@ PRESETS = {
 }
 
 
-def training_digest() -> str:
-    digest = hashlib.sha256()
-    for source in TRAINING_SOURCES:
+def digest(sources: tuple[str, ...], *settings: str) -> str:
+    """Of the .py files under ``sources`` (paths in the pack) and ``settings``."""
+    digest = hashlib.sha256("\n".join(settings).encode())
+    for source in sources:
         path = os.path.join(comfy_library.PACK_ROOT, source)
         files = [path] if os.path.isfile(path) else sorted(
             os.path.join(folder, name) for folder, _, names in os.walk(path) for name in names if name.endswith(".py"))
@@ -63,57 +66,70 @@ def training_digest() -> str:
 
 def cache_folder(cache: str, preset: str) -> str:
     """Where ``trained_toy_world`` keeps what the current code trains."""
-    return os.path.join(cache, f"toy-shapes-{preset}-{training_digest()}")
+    return os.path.join(cache, f"toy-shapes-{preset}-{digest(TRAINING_SOURCES)}")
 
 
 def trained_toy_world(cache: str, preset: str) -> str:
     """The folder holding the toy base (BASE_FILE), the trained ControlNeXt (RELEASE_FOLDER) and what
     its training measured (REPORT_FILE); trained into ``cache`` the first time."""
     folder = cache_folder(cache, preset)
-    if os.path.exists(os.path.join(folder, REPORT_FILE)):
-        return folder
-    print(f"training the toy world and its ControlNeXt into {folder} (once: about 6 minutes on two CPU cores)",
-          file=sys.stderr)
-    os.makedirs(cache, exist_ok=True)
-    staged = tempfile.mkdtemp(prefix=".training-", dir=cache)
+    if not os.path.exists(os.path.join(folder, REPORT_FILE)):
+        print(f"training the toy world's ControlNeXt into {folder} (once)", file=sys.stderr)
+        world = built_world(cache, PRESETS[preset].world)
+        made_whole(folder, lambda staged: train(PRESETS[preset], world, staged))
+    return folder
+
+
+def built_world(cache: str, world: toy_world.World) -> str:
+    """The folder of the toy world (toy_world.build_world), built into ``cache`` the first time."""
+    folder = os.path.join(cache, f"toy-world-{digest(WORLD_SOURCES, repr(world))}")
+    if not os.path.exists(os.path.join(folder, toy_world.SUMMARY_FILE)):
+        print(f"building the toy world into {folder} (once: about 4 minutes on two CPU cores)", file=sys.stderr)
+        made_whole(folder, lambda staged: toy_world.build_world(world, staged))
+    return folder
+
+
+def made_whole(folder: str, make) -> None:
+    """``make(staged)`` fills a new folder beside ``folder``, which then takes its name: a run stopped
+    midway leaves no half entry, and of two runs at once the first to finish wins."""
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    staged = tempfile.mkdtemp(prefix=".making-", dir=os.path.dirname(folder))
     try:
-        train(PRESETS[preset], staged)
+        make(staged)
         try:
-            os.rename(staged, folder)  # whole or not at all: a run stopped midway leaves no half entry
+            os.rename(staged, folder)
         except OSError:  # a concurrent run got there first
             pass
     finally:
         shutil.rmtree(staged, ignore_errors=True)
-    return folder
 
 
-def train(preset: Preset, folder: str) -> None:
-    """World, then ControlNeXt through Train ControlNeXt (encoder only, the SD1.5 recipe), then the
+def train(preset: Preset, world_folder: str, folder: str) -> None:
+    """ControlNeXt on the world through Train ControlNeXt (encoder only, the SD1.5 recipe), then the
     held-out controls sampled with it at strength 1 (Apply ControlNeXt) and scored against the
     uncontrolled base's samples of the same noise."""
     nodes_train, apply = comfy_library.pack("nodes.train"), comfy_library.pack("nodes.apply")
     save_release = comfy_library.pack("controlnext_core.train").save_release
     started = time.process_time()
-    world_folder = os.path.join(folder, "world")
-    os.makedirs(world_folder)
-    world = toy_world.build_world(preset.world, world_folder)
+    world = toy_world.build_world(preset.world, world_folder)  # its summary: the folder holds it
     model, autoencoder, data = toy_world.load_world(world_folder)
-    print(f"toy world built ({time.process_time() - started:.0f} CPU s); training a ControlNeXt "
-          f"({preset.controlnext_steps} steps)", file=sys.stderr, flush=True)
     trained, patched, losses = nodes_train.TrainControlNeXt.execute(
-        model, {"samples": data["latents"]}, toy_shapes.conditioning(), data["controls"],
-        steps=preset.controlnext_steps, batch_size=preset.controlnext_batch, encoder_lr=1e-4, unet_lr=1e-5,
-        train_unet="none", optimizer="official", warmup_steps=0, control_scale=0.0, proportion_empty_prompts=0.0,
-        seed=0, gradient_checkpointing=False, precision="bf16").result
+        model=model, latents={"samples": data["latents"]}, positive=toy_shapes.conditioning(),
+        control_images=data["controls"], steps=preset.controlnext_steps, batch_size=preset.controlnext_batch,
+        encoder_lr=1e-4, unet_lr=1e-5, train_unet="none", optimizer="official", warmup_steps=0, control_scale=0.0,
+        proportion_empty_prompts=0.0, seed=0, gradient_checkpointing=False, precision="bf16").result
     trained_s = time.process_time() - started
     save_release(os.path.join(folder, RELEASE_FOLDER), trained.encoder, None, trained.metadata, overwrite=True)
     applied = apply.ApplyControlNeXt.execute(patched, trained, data["heldout_controls"], 1.0, 0.0, 1.0).result[0]
     controlled, _ = toy_world.score(autoencoder, toy_world.sample(applied, preset.world.heldout_pictures, preset.world),
                                     data["heldout_controls"])
     toy_world.release_comfy_models()
-    os.replace(os.path.join(world_folder, toy_world.BASE_FILE), os.path.join(folder, BASE_FILE))
-    shutil.rmtree(world_folder)  # the training data: not needed to run the template
-    report = {"preset": dataclasses.asdict(preset), "cpu_s": trained_s, "torch": torch.__version__,
+    try:  # the world keeps its copy for the next training: a second name for the same file where possible
+        os.link(os.path.join(world_folder, toy_world.BASE_FILE), os.path.join(folder, BASE_FILE))
+    except OSError:
+        shutil.copyfile(os.path.join(world_folder, toy_world.BASE_FILE), os.path.join(folder, BASE_FILE))
+    report = {"preset": dataclasses.asdict(preset), "world_cpu_s": world["cpu_s"], "controlnext_cpu_s": trained_s,
+              "torch": torch.__version__,
               "loss_first_last_10": [sum(losses["loss"][:10]) / len(losses["loss"][:10]),
                                      sum(losses["loss"][-10:]) / len(losses["loss"][-10:])],
               "heldout_iou": {"without": world["uncontrolled_iou"], "with": controlled}}

@@ -38,10 +38,11 @@ PANEL, SPACING, SCALE = toy_shapes.PICTURE, 2, 4  # the template's side-by-side 
 TEST_CACHE = os.environ.get("CONTROLNEXT_TEST_CACHE", os.path.expanduser("~/.cache/comfyui-controlnext-tests"))
 
 
-def run_demo(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
-    """The command as a user runs it: from the pack's folder, with the host's python."""
+def run_demo(*args: str, timeout: float = 1800, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The command as a user runs it: from the pack's folder, with the host's python (one torch
+    thread unless ``env`` says otherwise: the quick models run fastest so)."""
     return subprocess.run([sys.executable, "-m", "controlnext_demo", "--comfyui", COMFYUI_PATH, *args], cwd=PACK_ROOT,
-                          env=one_thread_env(), capture_output=True, text=True, timeout=timeout)
+                          env=env or one_thread_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def panels(path: str) -> list[np.ndarray]:
@@ -58,7 +59,8 @@ def test_quick_demo_trains_installs_starts_a_server_and_saves_the_side_by_side_p
     result = run_demo("--quick", "--base-directory", base, "--cache", str(tmp_path / "cache"), "--out", str(out),
                       "--seed", "3")
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "training the toy world" in result.stderr and "starting ComfyUI" in result.stderr
+    assert "building the toy world" in result.stderr and "training the toy world's ControlNeXt" in result.stderr
+    assert "starting ComfyUI" in result.stderr
     picture = result.stdout.strip()
     assert os.path.dirname(picture).startswith(str(out)) and os.path.isfile(out / "comfyui.log")
     control, without, with_control = panels(picture)
@@ -90,7 +92,7 @@ def trained_server(tmp_path_factory):
     running = ComfyServer(base).start()
     try:
         result = run_demo("--base-directory", base, "--server", running.url, "--cache", TEST_CACHE, "--out",
-                          str(tmp_path_factory.mktemp("demo_out")))
+                          str(tmp_path_factory.mktemp("demo_out")), timeout=3600, env=dict(os.environ))
         assert result.returncode == 0, result.stderr[-4000:]
         with open(os.path.join(toy.cache_folder(TEST_CACHE, "demo"), toy.REPORT_FILE)) as file:
             yield running, json.load(file)

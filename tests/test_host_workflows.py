@@ -102,7 +102,7 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> dict[str, str]:
     """A depth-like gradient, a mask of it, photo-like images of blocks and an animated WEBP of
-    them, as files to upload."""
+    them, and a picture of the demo's toy shapes, as files to upload."""
     folder = tmp_path_factory.mktemp("images")
     ramp = np.linspace(0, 255, 64, dtype=np.uint8)
     depth = np.repeat(np.add.outer(ramp, ramp[::-1])[:, :, None] // 2, 3, axis=2).astype(np.uint8)
@@ -111,11 +111,14 @@ def images(tmp_path_factory) -> dict[str, str]:
               for _ in range(1 + DRIVING_FRAMES)]
     paths = {"Depth Map": str(folder / "depth_in.png"), "Photo": str(folder / "photo_in.png"),
              "Reference": str(folder / "photo_in.png"), "Driving Video": str(folder / "dance.webp"),
-             "Mask": str(folder / "mask_in.png"), "Test Photo": str(folder / "photo_in.png")}
+             "Mask": str(folder / "mask_in.png"), "Test Photo": str(folder / "photo_in.png"),
+             "Shapes Picture": str(folder / "shapes_in.png")}
     Image.fromarray(depth).save(paths["Depth Map"])
     Image.fromarray(np.where(depth > 64, 255, 0).astype(np.uint8)).save(paths["Mask"])
     blocks[0].save(paths["Photo"])
     blocks[1].save(paths["Driving Video"], save_all=True, append_images=blocks[2:], duration=125, loop=0)
+    shapes = toy_shapes.draw_pictures(1, seed=0)[0]
+    Image.fromarray((shapes.numpy() * 255).round().astype(np.uint8)).save(paths["Shapes Picture"])
     return paths
 
 

@@ -100,6 +100,7 @@ def test_faint_controls_match_the_official_code(tmp_path, monkeypatch, family, l
         check_against_official(records, family, layout, flat=spread == ROUNDING_SPREAD)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["base", "svd_v1"])
 def test_faint_video_controls_match_the_official_code(tmp_path, monkeypatch, layout):
     poses = control_image(batch=4)

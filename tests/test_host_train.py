@@ -357,6 +357,7 @@ def release_files(folder) -> dict[str, dict]:
             for name in ("controlnet.safetensors", "unet.safetensors")}
 
 
+@pytest.mark.slow
 def test_checkpoints_resume_to_the_files_of_an_uninterrupted_run(models_folder):
     """7 steps with checkpoints, then the same node resumed to 12 (step 7 is mid-epoch: 4 pictures, 3
     a step): the release files equal those of 12 steps in one run, bit for bit, and the loss history

@@ -133,6 +133,7 @@ def test_window_guider_on_one_window_is_linear_cfg_sampling(svd_file):
     host.assert_close(sample_video(model, 4, steps=1, guider=guider), sample_video(model, 4, cfg=2.0, steps=1))
 
 
+@pytest.mark.slow
 def test_memory_follows_the_window_not_the_video_length():
     """40 frames in 14-frame windows peak within 10 % of one 14-frame window (fresh processes;
     large allocations mmapped so freed memory leaves the resident size at once)."""

@@ -2,7 +2,6 @@
 no ComfyUI): the loaders list only the files of their kind (issue 18, item 12)."""
 from __future__ import annotations
 
-import io
 import os
 
 import pytest
@@ -11,7 +10,8 @@ import torch
 
 from controlnext_core import model
 from controlnext_core.model import ENCODER, OTHER, UNET, weights_file_kind, weights_kind
-from builders import LAYOUT_FIXTURE, OFFICIAL_KEYS, random_encoder_state_dict
+from controlnext_testbed.official_layouts import LAYOUT_FIXTURE, OFFICIAL_KEYS, random_encoder_state_dict
+from file_bytes import torch_bytes, write
 
 
 def tensors(*names: str) -> dict[str, torch.Tensor]:
@@ -47,17 +47,6 @@ def test_kinds_from_names(names, kind):
     assert weights_kind(names) == kind
 
 
-def write(folder, name: str, data: bytes) -> str:
-    path = os.path.join(folder, name)
-    with open(path, "wb") as file:
-        file.write(data)
-    return path
-
-
-def torch_bytes(obj, legacy: bool = False) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer, _use_new_zipfile_serialization=not legacy)
-    return buffer.getvalue()
 
 
 class Payload:

@@ -12,7 +12,7 @@ import torch
 import host
 import folder_paths
 from host import models_folder  # noqa: F401 (a fixture)
-from builders import random_encoder_state_dict
+from controlnext_testbed.official_layouts import random_encoder_state_dict
 
 video = host.importlib.import_module(f"{host.PACK_NAME}.nodes.video")
 train_core = host.importlib.import_module(f"{host.PACK_NAME}.controlnext_core.train")

@@ -7,7 +7,6 @@ file covers what it does not, and fuzzes the loader and the layout detection for
 from __future__ import annotations
 
 import functools
-import io
 import math
 import os
 import pickle
@@ -22,6 +21,7 @@ from hypothesis import strategies as st
 
 import controlnext_core as cn
 from controlnext_testbed.official_layouts import OFFICIAL_KEYS, random_encoder_state_dict
+from file_bytes import torch_bytes, write
 
 FAMILY_OF_LAYOUT = {"mid": "sd15", "base": "sdxl", "svd_v1": "svd"}
 
@@ -42,17 +42,6 @@ def encoder_model(layout: str) -> cn.ControlNeXt:
     return cn.load_controlnext(random_encoder_state_dict(layout), FAMILY_OF_LAYOUT[layout])
 
 
-def write(tmp_path, name: str, data: bytes) -> str:
-    path = os.path.join(tmp_path, name)
-    with open(path, "wb") as file:
-        file.write(data)
-    return path
-
-
-def torch_bytes(obj, legacy: bool = False) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer, _use_new_zipfile_serialization=not legacy)
-    return buffer.getvalue()
 
 
 def load_file(path: str):

@@ -57,20 +57,23 @@ def queue_args(server, workflow, out, name: str, steps: int) -> list[str]:
             "--set", f"Train ControlNeXt.steps={steps}", "--set", f"Save ControlNeXt.name={name}"]
 
 
-def wait_for_log(server, text: str, timeout: float = 240.0) -> None:
+def wait_for_log(server, text: str, since: int = 0, timeout: float = 240.0) -> None:
+    """Until ``text`` is in the server log after its first ``since`` characters (an earlier run's lines
+    do not count)."""
     deadline = time.time() + timeout
-    while text not in server.log():
+    while text not in server.log()[since:]:
         if time.time() > deadline:
             raise AssertionError(f"'{text}' did not reach the server log in {timeout} s:\n{server.log()[-3000:]}")
         time.sleep(0.5)
 
 
 def test_cancel_during_training_keeps_and_saves_what_was_trained(server, workflow, tmp_path):
+    since = len(server.log())
     run = subprocess.Popen([sys.executable, "-S", "-m", "controlnext_queue",
                             *queue_args(server, workflow, tmp_path, "cancelled_run", LONG_RUN)],
                            cwd=PACK_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for_log(server, f"ControlNeXt training: step {LONG_RUN // 20}/{LONG_RUN}")
+        wait_for_log(server, f"ControlNeXt training: step {LONG_RUN // 20}/{LONG_RUN}", since)
         status, _ = server.post("/interrupt", {})
         assert status == 200
         stdout, stderr = run.communicate(timeout=240)
@@ -132,10 +135,11 @@ def test_a_run_cancelled_and_resumed_gives_the_files_of_an_uninterrupted_one(ser
 
     straight = queue_command(*args("straight"), timeout=600)
     assert straight.returncode == 0, straight.stderr + server.log()[-3000:]
+    since = len(server.log())
     run = subprocess.Popen([sys.executable, "-S", "-m", "controlnext_queue", *args("resumed")], cwd=PACK_ROOT,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for_log(server, f"ControlNeXt training: step 2/{RESUMED_RUN}")
+        wait_for_log(server, f"ControlNeXt training: step 2/{RESUMED_RUN}", since)
         assert server.post("/interrupt", {})[0] == 200
         _, stderr = run.communicate(timeout=600)
     finally:

@@ -89,12 +89,13 @@ def trained_server(tmp_path_factory):
     """A test server with the demo's trained files, installed by the command itself (which queues
     the template there once), and what the training measured."""
     base = make_base_directory(str(tmp_path_factory.mktemp("demo_base")), with_test_nodes=False)
+    trained = toy.cache_folder(TEST_CACHE, "demo")  # before the run: the code may change while it trains
     running = ComfyServer(base).start()
     try:
         result = run_demo("--base-directory", base, "--server", running.url, "--cache", TEST_CACHE, "--out",
                           str(tmp_path_factory.mktemp("demo_out")), timeout=3600, env=dict(os.environ))
         assert result.returncode == 0, result.stderr[-4000:]
-        with open(os.path.join(toy.cache_folder(TEST_CACHE, "demo"), toy.REPORT_FILE)) as file:
+        with open(os.path.join(trained, toy.REPORT_FILE)) as file:
             yield running, json.load(file)
     finally:
         running.stop()

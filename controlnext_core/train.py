@@ -354,6 +354,17 @@ class Trainer:
         self.losses.append(float(loss.detach()))
         return self.losses[-1]
 
+    def draw_state(self) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """What the next step's draws depend on (see ``rewind``)."""
+        return self.generator.get_state(), self.data_generator.get_state(), list(self.data_order)
+
+    def rewind(self, state: tuple[torch.Tensor, torch.Tensor, list[int]]) -> None:
+        """Back to ``draw_state()``'s moment: a step stopped half-way (Cancel, divergence) leaves the
+        draws as they were after the last whole step, so a checkpoint written then resumes exactly."""
+        self.generator.set_state(state[0])
+        self.data_generator.set_state(state[1])
+        self.data_order = list(state[2])
+
     def _with_draws(self, parts: list[TrainingBatch]) -> list[TrainingBatch]:
         """The parts with their noise and timesteps: drawn for all of them at once, noise first, as a
         single batch of their total size draws them (so accumulation does not change the draws)."""

@@ -649,6 +649,7 @@ def train(model, family: str, pictures, empty: list | None, settings: TrainingSe
                 if cancelled(progress, trainer.steps_done, settings.steps):
                     stop = cancel_text.format(trainer.steps_done, settings.steps)
                     break
+                draws = trainer.draw_state()
                 indices = trainer.batch_indices(pictures.count)
                 empties = trainer.empty_prompt_mask(len(indices))
                 parts = [pictures.batch(part, empty, flags)
@@ -659,11 +660,13 @@ def train(model, family: str, pictures, empty: list | None, settings: TrainingSe
                     # ComfyUI (v0.33+) also checks for a Cancel in every layer: the step in progress is
                     # dropped before the optimiser moved, the flag is cleared, the steps done are kept
                     trainer.optimizer.zero_grad(set_to_none=True)
+                    trainer.rewind(draws)
                     stop = cancel_text.format(trainer.steps_done, settings.steps)
                     break
                 except TrainingDiverged as error:
                     if trainer.steps_done == 0:
                         raise
+                    trainer.rewind(draws)
                     stop = str(error)
                     break
                 text = f"step {trainer.steps_done}/{settings.steps}  loss {loss:.4f}"

@@ -305,3 +305,31 @@ def test_truncated_checkpoints_are_named_and_the_last_k_are_kept(tmp_path, monke
     (tmp_path / "step-3" / checkpoints.INFO_FILE).write_text('{"format": "something else", "version": 1}')
     with pytest.raises(cn.ControlNeXtError, match="not a ControlNeXt training checkpoint"):
         checkpoints.resume(str(tmp_path / "step-3"), trainer_for(batch_size=2)[1])
+
+
+def test_a_step_stopped_half_way_leaves_the_draws_of_the_last_whole_step(tmp_path):
+    """Cancel inside a layer (ComfyUI v0.33) stops a step after its draws: rewound, a checkpoint
+    then resumes to the steps of an uninterrupted run."""
+    from controlnext_core import checkpoints
+
+    latents, controls = shapes_dataset(count=5)
+    settings = dict(batch_size=3, encoder_lr=1e-3, unet_lr=1e-3, optimizer="adamw", warmup_steps=0)
+    toy, straight = trainer_for(**settings)
+    run_steps(straight, toy, latents, controls, 4)
+
+    toy, stopped = trainer_for(**settings)
+    run_steps(stopped, toy, latents, controls, 2)
+    before = stopped.draw_state()
+
+    def cancelled_in_a_layer(*args):
+        raise KeyboardInterrupt("Cancel")
+
+    indices = stopped.batch_indices(len(latents))
+    with pytest.raises(KeyboardInterrupt):
+        stopped.step(cancelled_in_a_layer, train.TrainingBatch(latents[indices], controls[indices], torch.zeros(1)))
+    stopped.rewind(before)
+    folder = checkpoints.save_checkpoint(str(tmp_path), stopped)
+    toy, resumed = trainer_for(**settings)
+    checkpoints.resume(folder, resumed)
+    run_steps(resumed, toy, latents, controls, 2)
+    assert resumed.losses == straight.losses

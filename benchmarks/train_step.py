@@ -256,13 +256,15 @@ def memory_available() -> int:
 
 
 def check_memory(model, dtype: torch.dtype) -> None:
-    """Stop with a clear message before ControlNet's weights, gradients and AdamW moments fill the machine."""
+    """Stop with a clear message before ControlNet's weights, gradients and AdamW moments (and the UNet
+    copy it trains with) fill the machine."""
     import comfy.cldm.cldm
 
     with torch.device("meta"):
         config = comfy_host.controlnet_config(model.model.model_config.unet_config, dtype, torch.device("meta"))
         count = sum(p.numel() for p in comfy.cldm.cldm.ControlNet(**config).parameters())
     need = count * torch.finfo(dtype).bits // 8 * 4 + (1 << 30)  # weights, gradients, two moments, 1 GiB of activations
+    need += sum(p.numel() * p.element_size() for p in model.model.diffusion_model.parameters())  # its own UNet
     available = memory_available()
     if available and need > available:
         raise SystemExit(f"ControlNet training needs about {need / 2 ** 30:.1f} GiB free for its {count / 1e6:,.0f} M "
@@ -283,9 +285,10 @@ def worker(args) -> None:
     core = comfy_host.pack("controlnext_core")
     started = time.perf_counter()
 
-    # built outside inference mode: the ControlNet trained the usual way calls the UNet directly, which
-    # needs weights that can be saved for the backward pass
-    model = comfy_host.build_unet(family, args.quick, UNET_DTYPE)
+    # ComfyUI loads checkpoints inside torch.inference_mode, and so is this UNet built: Train ControlNeXt
+    # trains through such weights (its weight wrappers on a clone that ComfyUI loads)
+    with torch.inference_mode():
+        model = comfy_host.build_unet(family, args.quick, UNET_DTYPE)
     unet = model.model.diffusion_model
     check_memory(model, controlnet_dtype)
     generator = torch.Generator().manual_seed(5)
@@ -298,9 +301,14 @@ def worker(args) -> None:
     conditioning = train_data.batch_conditioning(model, family, entries, latents.shape)
     step = Step(model, family, latents, controls, conditioning)
 
-    methods = {"bare": BareStep(step), "controlnext": ControlNeXtStep(step, True),
+    # the ControlNet trained the usual way calls a UNet directly: its own copy, never loaded by ComfyUI,
+    # with ordinary frozen weights, for it and the bare step
+    plain = comfy_host.build_unet(family, args.quick, UNET_DTYPE)
+    plain.model.diffusion_model.requires_grad_(False)
+    plain_step = Step(plain, family, latents, controls, conditioning)
+    methods = {"bare": BareStep(plain_step), "controlnext": ControlNeXtStep(step, True),
                "controlnext_encoder": ControlNeXtStep(step, False),
-               "controlnet": ControlNetStep(step, controlnet_dtype)}
+               "controlnet": ControlNetStep(plain_step, controlnet_dtype)}
     variants = [(name, methods[method], enabled) for name, method, enabled in VARIANTS
                 if args.checkpointing or not enabled]
     build_s = time.perf_counter() - started

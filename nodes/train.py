@@ -126,8 +126,27 @@ class ComfyDenoiser:
         """The clone loaded as ComfyUI's own trainer loads its model (other models make room), with
         the UNet's own weights frozen and, optionally, gradient checkpointing."""
         comfy.model_management.load_models_gpu([self.patcher], memory_required=1e20, force_full_load=True)
-        with frozen(self.unet), gradient_checkpointing(self.unet, use_checkpointing):
-            yield self
+        try:
+            with frozen(self.unet), gradient_checkpointing(self.unet, use_checkpointing):
+                yield self
+        finally:
+            self.unload()
+
+    def unload(self) -> None:
+        """The clone out of ComfyUI's loaded models, its weight wrappers off the shared UNet's layers:
+        nothing of the run (the trainer's masters) stays in the MODEL's modules."""
+        loaded = comfy.model_management.current_loaded_models
+        for index in reversed(range(len(loaded))):
+            if loaded[index].model is self.patcher:
+                loaded.pop(index).model_unload()
+        # a full load's unpatch leaves the weight functions on the layers until the next load: take ours off
+        for layer in self.unet.modules():
+            for attribute in ("weight_function", "bias_function"):
+                functions = layer.__dict__.get(attribute)
+                if functions:
+                    setattr(layer, attribute, [function for function in functions
+                                               if not isinstance(function, MasterWeight)
+                                               and function is not computed_from_a_copy])
 
     def unet_weights(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The loaded UNet's weights of these names (with the MODEL's own patches, e.g. a LoRA)."""

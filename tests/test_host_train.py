@@ -296,7 +296,8 @@ def test_training_changes_nothing_of_the_model_given():
     values = {name: param.detach().clone() for name, param in tensors.items()}
     options, patches = repr(model.model_options), dict(model.patches)
     run_train("sdxl", steps=2, model=model)
-    comfy.model_management.load_models_gpu([model])  # the MODEL used again: the training clone is unloaded
+    assert not [name for name, layer in unet.named_modules() if getattr(layer, "weight_function", None)]
+    comfy.model_management.load_models_gpu([model])  # the MODEL used again
     assert all(param is tensors[name] for name, param in unet.named_parameters())
     assert all(torch.equal(param, values[name]) for name, param in unet.named_parameters())
     assert not [name for name, layer in unet.named_modules() if getattr(layer, "weight_function", None)]

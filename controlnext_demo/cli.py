@@ -90,8 +90,8 @@ def main(argv=None) -> int:
         scores = json.load(file)["heldout_iou"]
     picture = os.path.join(base_directory, "input", INSTALLED_PICTURE)
     print(f"The picture, left to right: the control (the canny edges of {picture}), the toy base's sample without "
-          f"ControlNeXt, the same sample (same seed) with it. What the training measured on "
-          f"{len(scores['with'])} pictures it had not seen: the samples' edges overlap the control's by "
+          f"ControlNeXt, the same sample (same seed) with it at strength {toy.STRENGTH:g}. What the training "
+          f"measured on {len(scores['with'])} pictures it had not seen: the samples' edges overlap the control's by "
           f"{mean(scores['without']):.3f} without ControlNeXt and {mean(scores['with']):.3f} with it (edge IoU; "
           f"1 = the same edges).", file=sys.stderr)
     print(saved[0])

@@ -24,6 +24,9 @@ from controlnext_testbed import comfy_library, toy_shapes, toy_world
 BASE_FILE = "toy_shapes_base.safetensors"
 RELEASE_FOLDER = "toy_shapes_canny"  # holds controlnet.safetensors, as Save ControlNeXt writes a release
 REPORT_FILE = "trained.json"
+# Apply ControlNeXt's strength in the template and in the training's measurement: at the strength it
+# is trained with, 1, this toy's control moves the samples too little to see.
+STRENGTH = 2.0
 # What the world depends on (with its settings), and what the trained ControlNeXt depends on.
 WORLD_SOURCES = ("controlnext_testbed/toy_shapes.py", "controlnext_testbed/toy_world.py", "controlnext_core")
 TRAINING_SOURCES = ("controlnext_demo/toy.py", *WORLD_SOURCES, "nodes")
@@ -106,7 +109,7 @@ def made_whole(folder: str, make) -> None:
 
 def train(preset: Preset, world_folder: str, folder: str) -> None:
     """ControlNeXt on the world through Train ControlNeXt (encoder only, the SD1.5 recipe), then the
-    held-out controls sampled with it at strength 1 (Apply ControlNeXt) and scored against the
+    held-out controls sampled with it at STRENGTH (Apply ControlNeXt) and scored against the
     uncontrolled base's samples of the same noise."""
     nodes_train, apply = comfy_library.pack("nodes.train"), comfy_library.pack("nodes.apply")
     save_release = comfy_library.pack("controlnext_core.train").save_release
@@ -120,7 +123,8 @@ def train(preset: Preset, world_folder: str, folder: str) -> None:
         proportion_empty_prompts=0.0, seed=0, gradient_checkpointing=False, precision="bf16").result
     trained_s = time.process_time() - started
     save_release(os.path.join(folder, RELEASE_FOLDER), trained.encoder, None, trained.metadata, overwrite=True)
-    applied = apply.ApplyControlNeXt.execute(patched, trained, data["heldout_controls"], 1.0, 0.0, 1.0).result[0]
+    applied = apply.ApplyControlNeXt.execute(patched, trained, data["heldout_controls"], STRENGTH, 0.0,
+                                             1.0).result[0]
     controlled, _ = toy_world.score(autoencoder, toy_world.sample(applied, preset.world.heldout_pictures, preset.world),
                                     data["heldout_controls"])
     toy_world.release_comfy_models()
@@ -132,6 +136,6 @@ def train(preset: Preset, world_folder: str, folder: str) -> None:
               "torch": torch.__version__,
               "loss_first_last_10": [sum(losses["loss"][:10]) / len(losses["loss"][:10]),
                                      sum(losses["loss"][-10:]) / len(losses["loss"][-10:])],
-              "heldout_iou": {"without": world["uncontrolled_iou"], "with": controlled}}
+              "strength": STRENGTH, "heldout_iou": {"without": world["uncontrolled_iou"], "with": controlled}}
     with open(os.path.join(folder, REPORT_FILE), "w") as file:
         json.dump(report, file, indent=1)

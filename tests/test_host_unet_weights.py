@@ -12,6 +12,7 @@ from controlnext_testbed.official_layouts import OFFICIAL_KEYS
 from host import models_folder, real_size_model_on_meta, sample, tiny_model  # noqa: F401 (models_folder: a fixture)
 
 import comfy.lora
+import comfy.model_management
 import comfy.utils
 import folder_paths
 
@@ -42,6 +43,13 @@ def _tiny_to_out_weights(model, attention: str, seed: int, scale: float) -> dict
             for name, ldm in diffusers_map.items() if attention in name and "to_out" in name}
 
 
+def _base_weights(model):
+    """The model's own weights: a clone another test sampled may still be loaded, its patches on the
+    shared tensors (ComfyUI takes them off when it unloads it)."""
+    comfy.model_management.unload_all_models()
+    return model.model_state_dict()
+
+
 def _patched_weights(model, keys):
     """The weights ComfyUI computes from the patches when it loads the model."""
     state = model.model_state_dict()
@@ -55,7 +63,7 @@ def test_sdxl_deltas_are_added_reversibly(models_folder):
     bare = sample(model, "sdxl", steps=2)
     patched = UnetWeights.execute(model, "unet_weight_increasements.safetensors", 1.0, "auto").result[0]
     key_map = unet_key_map(model)
-    originals = model.model_state_dict()
+    originals = _base_weights(model)
     after = _patched_weights(patched, [key_map[k] for k in deltas])
     for name, delta in deltas.items():
         assert torch.allclose(after[key_map[name]], originals[key_map[name]] + delta, atol=1e-6)
@@ -70,7 +78,7 @@ def test_sd15_subset_replaces_weights_and_strength_interpolates(models_folder):
     weights = _tiny_to_out_weights(model, "attn", seed=2, scale=0.05)
     safetensors.torch.save_file(weights, os.path.join(models_folder, "unet.safetensors"))
     key_map = unet_key_map(model)
-    originals = model.model_state_dict()
+    originals = _base_weights(model)
     full = UnetWeights.execute(model, "unet.safetensors", 1.0, "auto").result[0]
     half = UnetWeights.execute(model, "unet.safetensors", 0.5, "auto").result[0]
     after_full = _patched_weights(full, [key_map[k] for k in weights])

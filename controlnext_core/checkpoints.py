@@ -51,7 +51,8 @@ def trainer_state(trainer: Trainer) -> tuple[dict[str, torch.Tensor], dict]:
     info = {"format": FORMAT, "version": VERSION, "settings": dataclasses.asdict(trainer.settings),
             "steps_done": trainer.steps_done, "losses": trainer.losses, "data_order": trainer.data_order,
             "optimizer_groups": optimizer["param_groups"], "optimizer_scalars": scalars,
-            "schedule": schedule_digest(trainer), "unet_names": sorted(trainer.unet_parameters)}
+            "schedule": schedule_digest(trainer), "unet_names": sorted(trainer.unet_parameters),
+            "processes": trainer.processes.count}
     return {name: value.detach().cpu().contiguous() for name, value in tensors.items()}, info
 
 
@@ -121,6 +122,8 @@ def differences(info: Mapping, trainer: Trainer, identity: Mapping[str, str] | N
     saved, now = info["settings"], dataclasses.asdict(trainer.settings)
     found = [f"{name}: {saved.get(name)!r} in the checkpoint, {now[name]!r} now"
              for name in now if name not in EXTENDABLE and saved.get(name) != now[name]]
+    if info.get("processes", 1) != trainer.processes.count:  # each step's batch is batch x accumulation x processes
+        found.append(f"processes: {info.get('processes', 1)} in the checkpoint, {trainer.processes.count} now")
     if info["schedule"] != schedule_digest(trainer):
         found.append("the model's noise schedule differs (another prediction type or zsnr setting)")
     saved_identity, identity = info.get("identity", {}), dict(identity or {})

@@ -26,6 +26,7 @@ from . import encoders, families
 from .cross_norm import add_control
 from .encoders import ConditionEncoder
 from .errors import ControlNeXtError
+from .processes import Processes
 
 TRAIN_LAYOUT = "base"  # both official training codes train the 320-channel encoder
 TRAIN_TIMESTEPS = 1000
@@ -246,6 +247,15 @@ class TrainingBatch:
     timesteps: torch.Tensor | None = None
 
 
+class TrainingSource(Protocol):
+    """Training pictures by index (in memory, or streamed from a cache on disk)."""
+
+    count: int
+
+    def batch(self, indices: list[int], empty: Any, empty_flags: list[bool]) -> TrainingBatch:
+        """The samples ``indices``, the empty prompt's conditioning ``empty`` where a flag says so."""
+
+
 class TrainingDiverged(ControlNeXtError):
     """The loss or a gradient stopped being finite; the weights are those of the last good step."""
 
@@ -255,12 +265,13 @@ class Trainer:
 
     def __init__(self, encoder: ConditionEncoder, unet_weights: Mapping[str, torch.Tensor],
                  settings: TrainingSettings, device: torch.device | str = "cpu",
-                 alphas_cumprod: torch.Tensor | None = None):
+                 alphas_cumprod: torch.Tensor | None = None, processes: Processes = Processes()):
         if encoder.layout != TRAIN_LAYOUT:
             raise ControlNeXtError(
                 f"Only {families.LAYOUT_DESCRIPTIONS[TRAIN_LAYOUT]} encoders can be trained here (the layout of the "
                 f"official training code); this one has the {families.LAYOUT_DESCRIPTIONS[encoder.layout]}.")
         self.settings = settings.resolved()
+        self.processes = processes
         self.rule = families.rule_for(self.settings.family, TRAIN_LAYOUT)
         self.device = torch.device(device)
         self.encoder = encoder.to(device=self.device, dtype=torch.float32).train().requires_grad_(True)
@@ -312,10 +323,11 @@ class Trainer:
              autocast_dtype: torch.dtype | None = None, scaler: "torch.amp.GradScaler | None" = None) -> float:
         """One optimiser step over one batch, or over micro-batches whose gradients add up to the
         step of their union (gradient accumulation: the noise and timesteps are drawn for the union,
-        as one batch of that size draws them). Raises TrainingDiverged (weights untouched) on a
-        non-finite loss or gradient."""
+        as one batch of that size draws them). Over several processes each passes its share of the
+        global batch; the gradients and the loss are summed over them. Raises TrainingDiverged
+        (weights untouched) on a non-finite loss or gradient."""
         parts = self._with_draws([batch] if isinstance(batch, TrainingBatch) else list(batch))
-        total = sum(part.latents.shape[0] for part in parts)
+        total = sum(part.latents.shape[0] for part in parts) * self.processes.count
         self.optimizer.zero_grad(set_to_none=True)
         loss = torch.zeros((), device=self.device)
         for part in parts:
@@ -325,15 +337,17 @@ class Trainer:
                 break
             (scaler.scale(part_loss) if scaler is not None else part_loss).backward()
             loss = loss + part_loss.detach()
+        loss = self.processes.sum(loss)
         step_number = self.steps_done + 1
         if not torch.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
             raise TrainingDiverged(
-                f"The training loss became {float(loss)} at step {step_number}: training stopped there and kept the "
+                f"The training loss became {float(loss.detach())} at step {step_number}: training stopped there and kept the "
                 f"weights of step {self.steps_done}. Lower the learning rates, or train in fp32/bf16 instead of fp16.")
+        parameters = self.trainable_parameters()
+        self.processes.sum_gradients(parameters)
         if scaler is not None:
             scaler.unscale_(self.optimizer)
-        parameters = self.trainable_parameters()
         if scaler is None and not all(torch.isfinite(p.grad).all() for p in parameters if p.grad is not None):
             self.optimizer.zero_grad(set_to_none=True)
             raise TrainingDiverged(
@@ -366,23 +380,36 @@ class Trainer:
         self.data_order = list(state[2])
 
     def _with_draws(self, parts: list[TrainingBatch]) -> list[TrainingBatch]:
-        """The parts with their noise and timesteps: drawn for all of them at once, noise first, as a
-        single batch of their total size draws them (so accumulation does not change the draws)."""
+        """The parts with their noise and timesteps: drawn for the whole global batch at once, noise
+        first, as a single batch of that size draws them (so neither accumulation nor the number of
+        processes changes the draws); this process takes its share."""
         if all(part.noise is not None and part.timesteps is not None for part in parts):
             return parts
         sizes = [part.latents.shape[0] for part in parts]
-        first = parts[0].latents
-        noise = torch.randn((sum(sizes), *first.shape[1:]), generator=self.generator, device=self.device,
+        first, count = parts[0].latents, sum(sizes) * self.processes.count
+        noise = torch.randn((count, *first.shape[1:]), generator=self.generator, device=self.device,
                             dtype=first.dtype)
-        timesteps = torch.randint(0, TRAIN_TIMESTEPS, (sum(sizes),), generator=self.generator, device=self.device)
+        timesteps = torch.randint(0, TRAIN_TIMESTEPS, (count,), generator=self.generator, device=self.device)
+        mine = slice(self.processes.rank * sum(sizes), (self.processes.rank + 1) * sum(sizes))
+        noise, timesteps = noise[mine], timesteps[mine]
         return [replace(part, noise=part.noise if part.noise is not None else part_noise,
                         timesteps=part.timesteps if part.timesteps is not None else part_timesteps)
                 for part, part_noise, part_timesteps in zip(parts, noise.split(sizes), timesteps.split(sizes))]
 
+    def next_batches(self, source: "TrainingSource", empty: Any = None) -> list[TrainingBatch]:
+        """This process's micro-batches of the next step: the global batch's indices and empty-prompt
+        draws, the share of this process, read from ``source``."""
+        indices = self.batch_indices(source.count)
+        empties = self.empty_prompt_mask(len(indices))
+        indices, empties = self.processes.share(indices), self.processes.share(empties)
+        return [source.batch(part, empty, flags)
+                for part, flags in zip(self.micro_batches(indices), self.micro_batches(empties))]
+
     def batch_indices(self, count: int) -> list[int]:
-        """The sample indices of the next step (``batch_size`` x ``gradient_accumulation_steps``):
-        shuffled epochs, as the official data loaders draw them."""
-        size = self.settings.batch_size * self.settings.gradient_accumulation_steps
+        """The sample indices of the next step over all processes (``batch_size`` x
+        ``gradient_accumulation_steps`` x processes): shuffled epochs, as the official data loaders
+        draw them."""
+        size = self.settings.batch_size * self.settings.gradient_accumulation_steps * self.processes.count
         while len(self.data_order) < size:
             self.data_order += torch.randperm(count, generator=self.data_generator).tolist()
         batch, self.data_order = self.data_order[:size], self.data_order[size:]

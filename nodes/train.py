@@ -27,9 +27,10 @@ from ..controlnext_core import ControlNeXtError, injection_block, rule_for
 from ..controlnext_core.checkpoints import checkpoint_folders, latest_checkpoint, resume, save_checkpoint
 from ..controlnext_core.dataset import load_training_pair, read_items
 from ..controlnext_core.train import (EMPTY_PROMPT, OPTIMIZERS, RECIPES, TRAIN_LAYOUT, Trainer,
-                                      TrainingDiverged, TrainingSettings, loss_summary, new_encoder, noise_schedule,
+                                      TrainingSettings, loss_summary, new_encoder, noise_schedule,
                                       release_metadata, release_unet_weights, save_release, trainable_copy,
                                       trainable_unet_names)
+from ..controlnext_core.training_loop import LoopHooks, run_training
 from ..controlnext_core.unet_weights import OFFICIAL_MODE
 from .loaders import CATEGORY, FOLDER, ControlNeXtType, patch_unet_weights_from
 from .patch import (LATENT_SCALE, NO_OPTIONS, PATCH_KIND, ControlNeXtFile, attach, control_image_from_comfy, make_patch,
@@ -45,7 +46,6 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OFFICIAL = "official"  # the optimizer choice that takes the whole official recipe
 RESUME_CHOICES = ("no", "latest", "latest, new settings")
 CHECKPOINTS_KEPT = 3
-LOG_LINES, LOG_SECONDS = 20, 60.0  # a loss line in the server log 20 times a run, and at least once a minute
 
 
 class TrainedControlNeXt(ControlNeXtFile):
@@ -563,9 +563,6 @@ class ValidationPlan:
         self.rounds: list[tuple[int, torch.Tensor]] = []
         self.seconds = 0.0
 
-    def due(self, steps_done: int) -> bool:
-        return steps_done % self.every == 0
-
     def sample(self, trainer: Trainer, base_weights: dict[str, torch.Tensor], denoiser: "ComfyDenoiser") -> None:
         started = time.perf_counter()
         settings = trainer.settings
@@ -631,11 +628,37 @@ def cancelled(progress, done: int, total: int) -> bool:
     return False
 
 
+class ComfyHooks(LoopHooks):
+    """The loop's hooks in ComfyUI: the progress bar with the loss, Cancel (checked between steps and
+    raised by ComfyUI inside layers and samplers), checkpoints and validation samples."""
+
+    cancel_errors = (comfy.model_management.InterruptProcessingException,)
+
+    def __init__(self, node_id, steps: int, base_weights: dict[str, torch.Tensor], denoiser: "ComfyDenoiser",
+                 plan: CheckpointPlan | None, validation: ValidationPlan | None):
+        self.node_id, self.base_weights, self.denoiser = node_id, base_weights, denoiser
+        self.plan, self.validation = plan, validation
+        self.progress = comfy.utils.ProgressBar(steps, node_id=node_id)
+        self.checkpoint_every = plan.every if plan else 0
+        self.validation_every = validation.every if validation else 0
+
+    def cancel_requested(self, steps_done: int, steps: int) -> bool:
+        return cancelled(self.progress, steps_done, steps)
+
+    def stepped(self, trainer: Trainer, loss: float) -> None:
+        _progress_text(f"step {trainer.steps_done}/{trainer.settings.steps}  loss {loss:.4f}", self.node_id)
+
+    def checkpoint(self, trainer: Trainer) -> str:
+        return self.plan.write(trainer, self.base_weights)
+
+    def validate(self, trainer: Trainer) -> None:
+        self.validation.sample(trainer, self.base_weights, self.denoiser)
+
+
 def train(model, family: str, pictures, empty: list | None, settings: TrainingSettings, encoder,
           use_checkpointing: bool, autocast_dtype, alphas_cumprod: torch.Tensor | None, node_id,
           plan: CheckpointPlan | None = None, validation: ValidationPlan | None = None) -> TrainingRun:
-    """The training loop: progress with the loss, checkpoints; Cancel and divergence stop it and keep
-    the last good step (with a checkpoint where the run writes them)."""
+    """The core loop (controlnext_core.training_loop) on the MODEL's clone, loaded by ComfyUI."""
     device = comfy.model_management.get_torch_device()
     with torch.inference_mode(False):
         names = (trainable_unet_names([name for name, _ in model.model.diffusion_model.named_parameters()], family)
@@ -648,67 +671,8 @@ def train(model, family: str, pictures, empty: list | None, settings: TrainingSe
             started = plan.start(trainer) if plan else ""
             scaler = (torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 and device.type == "cuda"
                       else None)
-            progress = comfy.utils.ProgressBar(settings.steps, node_id=node_id)
-            message = f"Trained {settings.steps} steps."
-            log_every, next_log = max(1, settings.steps // LOG_LINES), time.monotonic() + LOG_SECONDS
-            written = stop = None
-            cancel_text = "Cancelled after {} of {} steps; kept what was trained."
-
-            def sample_validation() -> str | None:
-                """A validation round; a Cancel during its sampling ends the run as one between steps does."""
-                try:
-                    validation.sample(trainer, base_weights, denoiser)
-                except comfy.model_management.InterruptProcessingException:
-                    return cancel_text.format(trainer.steps_done, settings.steps)
-                return None
-
-            if validation and trainer.steps_done == 0:
-                stop = sample_validation()  # the untrained start, for comparison
-            while trainer.steps_done < settings.steps and not stop:
-                if cancelled(progress, trainer.steps_done, settings.steps):
-                    stop = cancel_text.format(trainer.steps_done, settings.steps)
-                    break
-                draws = trainer.draw_state()
-                indices = trainer.batch_indices(pictures.count)
-                empties = trainer.empty_prompt_mask(len(indices))
-                parts = [pictures.batch(part, empty, flags)
-                         for part, flags in zip(trainer.micro_batches(indices), trainer.micro_batches(empties))]
-                try:
-                    loss = trainer.step(denoiser, parts, autocast_dtype, scaler)
-                except comfy.model_management.InterruptProcessingException:
-                    # ComfyUI (v0.33+) also checks for a Cancel in every layer: the step in progress is
-                    # dropped before the optimiser moved, the flag is cleared, the steps done are kept
-                    trainer.optimizer.zero_grad(set_to_none=True)
-                    trainer.rewind(draws)
-                    stop = cancel_text.format(trainer.steps_done, settings.steps)
-                    break
-                except TrainingDiverged as error:
-                    if trainer.steps_done == 0:
-                        raise
-                    trainer.rewind(draws)
-                    stop = str(error)
-                    break
-                text = f"step {trainer.steps_done}/{settings.steps}  loss {loss:.4f}"
-                _progress_text(text, node_id)
-                if (trainer.steps_done % log_every == 0 or trainer.steps_done == settings.steps
-                        or time.monotonic() > next_log):
-                    log.info("ControlNeXt training: %s", text)
-                    next_log = time.monotonic() + LOG_SECONDS
-                if plan and trainer.steps_done % plan.every == 0:
-                    written = plan.write(trainer, base_weights)
-                if validation and validation.due(trainer.steps_done):
-                    stop = sample_validation()
-            if not stop:
-                cancelled(progress, settings.steps, settings.steps)  # the full bar; a Cancel now has nothing to stop
-            if not stop and validation and validation.rounds[-1][0] != trainer.steps_done:
-                stop = sample_validation()  # the strip ends with the weights trained
-            if stop:
-                message = stop
-                log.warning("ControlNeXt training: %s", message)
-            if plan and trainer.steps_done and not (written or "").endswith(f"step-{trainer.steps_done}"):
-                written = plan.write(trainer, base_weights)  # Cancel, divergence or the last step
-            if written:
-                message += f" Checkpoint: {written}."
+            hooks = ComfyHooks(node_id, settings.steps, base_weights, denoiser, plan, validation)
+            message = run_training(trainer, denoiser, pictures, hooks, empty, autocast_dtype, scaler)
             file_weights = release_unet_weights(trainer.trained_unet(), base_weights, family)
     return TrainingRun(trainer, file_weights, " ".join(part for part in (started, message) if part))
 

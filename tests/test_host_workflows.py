@@ -54,6 +54,8 @@ WORKFLOW_IMAGES = {
     "ControlNeXt SDXL Canny + Depth": ("Photo",),
     "ControlNeXt SD1.5 Training": ("Test Photo",),
     "ControlNeXt SDXL Training": ("Test Photo",),
+    "ControlNeXt SD1.5 Pairs Training": ("Validation Control",),
+    "ControlNeXt SDXL Photos Training": ("Validation Photo",),
     "ControlNeXt Toy Shapes Demo": ("Shapes Picture",),
 }
 DRIVING_FRAMES = 6
@@ -78,10 +80,32 @@ for _training in ("ControlNeXt SD1.5 Training", "ControlNeXt SDXL Training"):
     RUNS[_training] = (SMALL + settings("Training Pictures.resolution=64", "Train ControlNeXt.steps=2",
                                         "Train ControlNeXt.batch_size=2", "Save ControlNeXt.overwrite=true"),
                        "KSampler", 1)
+# The templates training from a folder on disk (Load Training Data) save no picture of their own: their one saved
+# file is the validation strip, a column per round (before the first step, every validation_every steps and after
+# the last), and they write a checkpoint every step. Data title, validation size title, validation_every: the SD1.5
+# stand-in samples its rounds slowly (20 steps, about 20 s on a CPU), so it has 2, SDXL 3.
+DATA_TRAINING = {"ControlNeXt SD1.5 Pairs Training": ("Training Pairs", "Validation Control at Training Size", 2),
+                 "ControlNeXt SDXL Photos Training": ("Training Photos", "Validation Photo at Training Size", 1)}
+TRAINING_STEPS = 2
+for _training, (_data, _validation, _every) in DATA_TRAINING.items():
+    RUNS[_training] = (settings(f"{_data}.resolution=64", f"{_validation}.width=64", f"{_validation}.height=64",
+                                f"Train ControlNeXt.steps={TRAINING_STEPS}", "Train ControlNeXt.batch_size=2",
+                                f"Train ControlNeXt.validation_every={_every}", "Train ControlNeXt.checkpoint_every=1",
+                                "Save ControlNeXt.overwrite=true"),
+                       "Train ControlNeXt", 1)
+
+
+def validation_rounds(name: str) -> range:
+    """The steps at which a data training template's test run samples its validation control."""
+    return range(0, TRAINING_STEPS + 1, DATA_TRAINING[name][2])
+
+
 DEMO = "ControlNeXt Toy Shapes Demo"
 RUNS[DEMO] = (settings("Without Control.steps=2", "With Control.steps=2"), "With Control", 1)
-# (height, width) of the saved pictures: 64x64, but the demo's three panels side by side (2 px apart), 4x larger
-SAVED_SIZES = {name: (64, 64) for name in WORKFLOW_IMAGES} | {DEMO: (4 * 64, 4 * (3 * 64 + 2 * 2))}
+# (height, width) of the saved pictures: 64x64, but the demo's three panels side by side (2 px apart), 4x larger,
+# and the validation strips' rounds side by side
+SAVED_SIZES = ({name: (64, 64) for name in WORKFLOW_IMAGES} | {DEMO: (4 * 64, 4 * (3 * 64 + 2 * 2))}
+               | {name: (64, len(validation_rounds(name)) * 64) for name in DATA_TRAINING})
 DEMO_CONTROLNEXT = f"{INSTALLED_RELEASE}/controlnet.safetensors"
 SAVE_NODES = ("SaveImage", "SaveAnimatedWEBP")
 MODEL_INPUTS = ("ckpt_name", "controlnext_name", "unet_name", "control_net_name", "detector_model", "pose_model",
@@ -93,6 +117,8 @@ def server(tmp_path_factory):
     base = make_base_directory(str(tmp_path_factory.mktemp("workflows_base")))
     install_official_model_files(base)
     install_training_pictures(os.path.join(base, "input", TRAINING_PICTURES))
+    install_training_pairs(os.path.join(base, "input", TRAINING_PAIRS))
+    install_training_pictures(os.path.join(base, "input", TRAINING_PHOTOS))  # photos only: their controls made by canny
     install_untrained_demo_files(os.path.join(base, "models"))
     running = ComfyServer(base).start()
     yield running
@@ -102,7 +128,7 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> dict[str, str]:
     """A depth-like gradient, a mask of it, photo-like images of blocks and an animated WEBP of
-    them, and a picture of the demo's toy shapes, as files to upload."""
+    them, a picture of the demo's toy shapes and a square's edges, as files to upload."""
     folder = tmp_path_factory.mktemp("images")
     ramp = np.linspace(0, 255, 64, dtype=np.uint8)
     depth = np.repeat(np.add.outer(ramp, ramp[::-1])[:, :, None] // 2, 3, axis=2).astype(np.uint8)
@@ -112,14 +138,65 @@ def images(tmp_path_factory) -> dict[str, str]:
     paths = {"Depth Map": str(folder / "depth_in.png"), "Photo": str(folder / "photo_in.png"),
              "Reference": str(folder / "photo_in.png"), "Driving Video": str(folder / "dance.webp"),
              "Mask": str(folder / "mask_in.png"), "Test Photo": str(folder / "photo_in.png"),
-             "Shapes Picture": str(folder / "shapes_in.png")}
+             "Shapes Picture": str(folder / "shapes_in.png"), "Validation Photo": str(folder / "photo_in.png"),
+             "Validation Control": str(folder / "outline_in.png")}
     Image.fromarray(depth).save(paths["Depth Map"])
     Image.fromarray(np.where(depth > 64, 255, 0).astype(np.uint8)).save(paths["Mask"])
+    outline = np.zeros((64, 64, 3), np.uint8)  # a square's edges, as a canny map draws them
+    outline[[16, 47], 16:48] = outline[16:48, [16, 47]] = 255
+    Image.fromarray(outline).save(paths["Validation Control"])
     blocks[0].save(paths["Photo"])
     blocks[1].save(paths["Driving Video"], save_all=True, append_images=blocks[2:], duration=125, loop=0)
     shapes = toy_shapes.draw_pictures(1, seed=0)[0]
     Image.fromarray((shapes.numpy() * 255).round().astype(np.uint8)).save(paths["Shapes Picture"])
     return paths
+
+
+TRAINING_PAIRS, TRAINING_PHOTOS = "controlnext_pairs", "controlnext_photos"  # the folders in input/ they read
+
+
+def install_training_pairs(folder: str) -> None:
+    """The training pictures, each with its control of the same name in conditioning_images/ (the
+    outline of its block, as a canny map draws it): the "folders" layout."""
+    install_training_pictures(folder)
+    controls = os.path.join(folder, "conditioning_images")
+    os.makedirs(controls)
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".png"):
+            with Image.open(os.path.join(folder, name)) as picture:
+                block = np.asarray(picture.convert("L")) > 100
+            inside = np.roll(block, 1, 0) & np.roll(block, -1, 0) & np.roll(block, 1, 1) & np.roll(block, -1, 1)
+            edges = block & ~inside
+            Image.fromarray((edges * 255).astype(np.uint8)).convert("RGB").save(os.path.join(controls, name))
+
+
+def data_training_files(name: str) -> list[str]:
+    """What a template training from a folder writes, relative to the server's base directory: the
+    folder's cache, a checkpoint per step with release files beside them, every validation round's
+    picture and Save ControlNeXt's release."""
+    nodes = read_json(os.path.join(API_WORKFLOWS, f"{name}.json")).values()
+    train = next(node["inputs"] for node in nodes if node["class_type"] == "ControlNeXtTrain")
+    save = next(node["inputs"] for node in nodes if node["class_type"] == "ControlNeXtSave")
+    data = next(node["inputs"] for node in nodes if node["class_type"] == "ControlNeXtLoadTrainingData")
+    checkpoints = f"models/controlnext/{train['checkpoint_name']}"
+    return [f"input/{data['folder']}/.controlnext_cache",
+            *(f"{checkpoints}/checkpoints/step-{step}/state.safetensors" for step in range(1, TRAINING_STEPS + 1)),
+            f"{checkpoints}/controlnet.safetensors", f"{checkpoints}/unet.safetensors",
+            *(f"output/controlnext_validation/{train['checkpoint_name']}/step-{step:06d}_0.png"
+              for step in validation_rounds(name)),
+            f"models/controlnext/{save['name']}/controlnet.safetensors",
+            f"models/controlnext/{save['name']}/unet.safetensors"]
+
+
+def saved_subfolder(name: str) -> str:
+    """Where the server saves the template's picture: its Save node's folder, or the validation
+    strip's folder (output/controlnext_validation/<checkpoint_name>)."""
+    nodes = read_json(os.path.join(API_WORKFLOWS, f"{name}.json")).values()
+    prefix = next((n["inputs"]["filename_prefix"] for n in nodes if n["class_type"] in SAVE_NODES), None)
+    if prefix is not None:
+        return os.path.dirname(prefix)
+    train = next(n["inputs"] for n in nodes if n["class_type"] == "ControlNeXtTrain")
+    return f"controlnext_validation/{train['checkpoint_name']}"
 
 
 def install_untrained_demo_files(models: str) -> None:
@@ -261,9 +338,10 @@ def test_api_workflow_runs_from_the_shell(server, name, images, tmp_path):
     assert sampler in result.stderr and "2/2" in result.stderr  # the per-node progress bar
     done, total = node_counters(result.stderr)[-1]
     assert done == total, result.stderr  # cached nodes (from earlier runs) count
-    prefix = read_json(os.path.join(API_WORKFLOWS, f"{name}.json"))
-    prefix = next(n["inputs"]["filename_prefix"] for n in prefix.values() if n["class_type"] in SAVE_NODES)
-    assert os.path.relpath(saved[0], out).startswith(os.path.dirname(prefix))  # kept the server's subfolder
+    assert os.path.relpath(saved[0], out).startswith(saved_subfolder(name))  # kept the server's subfolder
+    if name in DATA_TRAINING:
+        missing = [path for path in data_training_files(name) if not os.path.exists(os.path.join(server.base, path))]
+        assert not missing, f"not written: {missing}\n{result.stderr}"
 
 
 def test_a_rerun_counts_its_cached_nodes_and_downloads_previews_on_request(server, images, tmp_path):

@@ -286,6 +286,10 @@ TEMPLATES = {
     "ControlNeXt SD1.5 Training": (lambda: training_pair(stone_tower), "Train your own control on your pictures (SD1.5)"),
     "ControlNeXt SDXL Training": (lambda: training_pair(lambda size: anime_portrait(size, True)),
                                   "Train your own control on your pictures (SDXL)"),
+    "ControlNeXt SD1.5 Pairs Training": (lambda: training_pair(lava_tower),
+                                              "Train from a folder of pictures and their controls (SD1.5)"),
+    "ControlNeXt SDXL Photos Training": (lambda: training_pair(lambda size: anime_portrait(size, False)),
+                                              "Train a canny control from a folder of photos (SDXL)"),
     "ControlNeXt Toy Shapes Demo": (demo_strip, "Try it: a toy model trained here, without and with control"),
 }
 

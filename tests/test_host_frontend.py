@@ -351,9 +351,14 @@ def test_the_template_browser_shows_a_picture_and_a_title_for_each_template(edit
     cards = {}
     for name in names:
         cards[name] = browser.wait_for(f"""(() => {{
-            const card = [...document.querySelectorAll('[data-testid^="template-workflow-"]')]
-                .find((c) => c.dataset.testid === {json.dumps(f"template-workflow-{name}")});
-            card?.scrollIntoView({{block: "nearest"}});  // a picture loads when its card is seen
+            const shown = [...document.querySelectorAll('[data-testid^="template-workflow-"]')];
+            const card = shown.find((c) => c.dataset.testid === {json.dumps(f"template-workflow-{name}")});
+            if (!card) {{  // frontend 1.27 shows 12 cards, more when its list is scrolled to the bottom
+                const list = shown.at(-1)?.closest(".overflow-auto");
+                if (list) list.scrollTop = list.scrollHeight;
+                return null;
+            }}
+            card.scrollIntoView({{block: "nearest"}});  // a picture loads when its card is seen
             const picture = card?.querySelector("img"), title = card?.querySelector("h3");
             if (!picture?.complete || !picture.naturalWidth) return null;
             return {{title: title.textContent.trim(), description: card.querySelector("p")?.textContent.trim() ?? null,

@@ -23,7 +23,7 @@ from server import (TRAINING_PICTURES, ComfyServer, install_training_pictures, m
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 TEMPLATE = os.path.join(PACK_ROOT, "workflows", "api", "ControlNeXt SD1.5 Training.json")
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"  # the template's, kept by the tiny-checkpoint test node
-LONG_RUN = 400  # steps: far more than the test waits for (the log has a line every 20)
+LONG_RUN = 400  # steps: far more than the test waits for (the log has a line every 20, and each minute)
 RESUMED_RUN = 16  # steps: a log line for each; enough left after step 2 for an /interrupt to land
 SMALL = ["--set", "Training Pictures.resolution=64", "--set", "Train ControlNeXt.batch_size=2",
          "--set", "Empty Latent Image.width=64", "--set", "Empty Latent Image.height=64", "--set", "KSampler.steps=2"]
@@ -73,7 +73,7 @@ def test_cancel_during_training_keeps_and_saves_what_was_trained(server, workflo
                             *queue_args(server, workflow, tmp_path, "cancelled_run", LONG_RUN)],
                            cwd=PACK_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for_log(server, f"ControlNeXt training: step {LONG_RUN // 20}/{LONG_RUN}", since)
+        wait_for_log(server, "ControlNeXt training: step ", since, timeout=600)  # a loaded machine: the minute's line
         status, _ = server.post("/interrupt", {})
         assert status == 200
         stdout, stderr = run.communicate(timeout=240)
@@ -86,7 +86,7 @@ def test_cancel_during_training_keeps_and_saves_what_was_trained(server, workflo
     assert sorted(os.listdir(folder)) == ["controlnet.safetensors", "unet.safetensors"]
     with safetensors.safe_open(os.path.join(folder, "controlnet.safetensors"), "np") as file:
         metadata = file.metadata()
-    assert LONG_RUN // 20 <= int(metadata["steps"]) < LONG_RUN
+    assert 1 <= int(metadata["steps"]) < LONG_RUN
     assert metadata["base_model"] == CHECKPOINT
     assert len(stdout.split()) == 1 and os.path.isfile(stdout.split()[0])  # the test generation after it ran too
 

@@ -21,11 +21,17 @@ import torch
 
 from .errors import ControlNeXtError
 from .train import Trainer
+from .training_cache import write_advice
 
 FORMAT = "ControlNeXt training checkpoint"
 VERSION = 1
 STATE_FILE, INFO_FILE = "state.safetensors", "state.json"
 FOLDER_PATTERN = re.compile(r"^step-(\d+)$")
+PARTIAL_PATTERN = re.compile(r"^\.step-\d+\.partial-[0-9a-f]{8}$")
+# what resume reads of state.json and of state.safetensors
+INFO_KEYS = ("settings", "steps_done", "losses", "data_order", "optimizer_groups", "optimizer_scalars", "schedule",
+             "unet_names")
+STATE_TENSORS = ("rng.noise", "rng.data")
 # settings a resumed run may change without being a new run: how long it goes on
 EXTENDABLE = ("steps",)
 
@@ -58,15 +64,19 @@ def trainer_state(trainer: Trainer) -> tuple[dict[str, torch.Tensor], dict]:
 
 def save_checkpoint(root: str, trainer: Trainer, identity: Mapping[str, str] | None = None,
                     keep: int = 3) -> str:
-    """Writes ``<root>/step-<N>/`` atomically and removes all but the newest ``keep``; returns the folder."""
+    """Writes ``<root>/step-<N>/`` atomically and removes all but the newest ``keep``; returns the folder.
+    A write that fails (a full disk) or is stopped (Cancel, Ctrl-C) leaves nothing of itself behind,
+    and the folders of writes a crash stopped are removed here."""
+    import safetensors
     import safetensors.torch
 
     tensors, info = trainer_state(trainer)
     info["identity"] = dict(identity or {})
-    os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step-{trainer.steps_done}")
     partial = os.path.join(root, f".step-{trainer.steps_done}.partial-{uuid.uuid4().hex[:8]}")
     try:
+        os.makedirs(root, exist_ok=True)
+        _remove_partial_folders(root)
         os.makedirs(partial)
         safetensors.torch.save_file(tensors, os.path.join(partial, STATE_FILE))
         with open(os.path.join(partial, INFO_FILE), "w", encoding="utf-8") as file:
@@ -76,13 +86,23 @@ def save_checkpoint(root: str, trainer: Trainer, identity: Mapping[str, str] | N
         if os.path.exists(final):  # the same step written again (a Cancel right after a checkpoint)
             shutil.rmtree(final)
         os.replace(partial, final)
-    except OSError as error:
+    except (OSError, safetensors.SafetensorError) as error:  # safetensors reports a full disk as its own error
         shutil.rmtree(partial, ignore_errors=True)
         raise ControlNeXtError(f"Could not write the checkpoint {final} ({error}); the earlier checkpoints in "
-                               f"{root} are unchanged. Free some disk space and resume from the latest.") from None
+                               f"{root} are unchanged. {write_advice(error)} and resume from the latest.") from None
+    except BaseException:  # Cancel or Ctrl-C in the middle of the write
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     for step, folder in checkpoint_folders(root)[:-keep or None] if keep > 0 else []:
         shutil.rmtree(folder, ignore_errors=True)
     return final
+
+
+def _remove_partial_folders(root: str) -> None:
+    """Removes what writes stopped by a crash (power cut, killed process) left: never a checkpoint."""
+    for name in os.listdir(root):
+        if PARTIAL_PATTERN.match(name):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 def checkpoint_folders(root: str) -> list[tuple[int, str]]:
@@ -95,20 +115,58 @@ def checkpoint_folders(root: str) -> list[tuple[int, str]]:
 
 
 def read_checkpoint(folder: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """A checkpoint's tensors and JSON, or a clear error for a folder that is not a whole checkpoint."""
+    """A checkpoint's tensors and JSON, or a clear error naming the file that makes the folder no
+    whole checkpoint (missing, cut short, of something else) and what to do."""
+    import safetensors
     import safetensors.torch
 
+    if not os.path.isdir(folder):
+        raise ControlNeXtError(f"The checkpoint folder {folder} does not exist: resume from another one, or start "
+                               f"a new run.")
+    info_path, state_path = os.path.join(folder, INFO_FILE), os.path.join(folder, STATE_FILE)
+    for path in (info_path, state_path):
+        if not os.path.isfile(path):
+            raise ControlNeXtError(f"{folder} is not a complete training checkpoint: it has no "
+                                   f"{os.path.basename(path)} ({path}). {_instead(folder)}.")
     try:
-        with open(os.path.join(folder, INFO_FILE), encoding="utf-8") as file:
+        with open(info_path, encoding="utf-8") as file:
             info = json.load(file)
-        tensors = safetensors.torch.load_file(os.path.join(folder, STATE_FILE))
-    except (OSError, ValueError, json.JSONDecodeError, RuntimeError) as error:  # safetensors: ValueError/RuntimeError
-        raise ControlNeXtError(f"{folder} is not a complete training checkpoint ({type(error).__name__}: "
-                               f"{error}); resume from another one, or start a new run.") from None
-    if info.get("format") != FORMAT or info.get("version") != VERSION:
-        raise ControlNeXtError(f"{folder} is not a ControlNeXt training checkpoint of this version "
-                               f"(format {info.get('format')!r}, version {info.get('version')!r}).")
+    except (OSError, ValueError) as error:  # json: ValueError, also for bytes that are not UTF-8
+        raise ControlNeXtError(f"{folder} is not a complete training checkpoint: {info_path} cannot be read "
+                               f"({type(error).__name__}: {error}); it was cut short or changed. "
+                               f"{_instead(folder)}.") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT or info.get("version") != VERSION:
+        found = (info.get("format"), info.get("version")) if isinstance(info, dict) else (None, None)
+        raise ControlNeXtError(f"{info_path} is not a ControlNeXt training checkpoint of this version (format "
+                               f"{found[0]!r}, version {found[1]!r}, expected {FORMAT!r}, {VERSION}). "
+                               f"{_instead(folder)}.")
+    absent = [key for key in INFO_KEYS if key not in info]
+    if absent:
+        raise ControlNeXtError(f"{folder} is not a complete training checkpoint: {info_path} lacks "
+                               f"{', '.join(absent)}. {_instead(folder)}.")
+    try:
+        tensors = safetensors.torch.load_file(state_path)
+    except (OSError, safetensors.SafetensorError, RuntimeError, ValueError) as error:
+        raise ControlNeXtError(f"{folder} is not a complete training checkpoint: {state_path} cannot be read "
+                               f"({type(error).__name__}: {error}); it was cut short or changed. "
+                               f"{_instead(folder)}.") from None
+    absent = [name for name in STATE_TENSORS if name not in tensors]
+    if absent:
+        raise ControlNeXtError(f"{folder} is not a complete training checkpoint: {state_path} lacks "
+                               f"{', '.join(absent)}. {_instead(folder)}.")
     return tensors, info
+
+
+def _instead(folder: str) -> str:
+    """What to do instead of resuming a broken checkpoint: the one before it, or a new run."""
+    folder = os.path.abspath(folder)
+    match = FOLDER_PATTERN.match(os.path.basename(folder))
+    step = int(match.group(1)) if match else None
+    earlier = [path for number, path in checkpoint_folders(os.path.dirname(folder))
+               if os.path.abspath(path) != folder and (step is None or number < step)]
+    if earlier:
+        return f"Delete the folder {folder} to resume from the checkpoint before it, {earlier[-1]}"
+    return f"Delete the folder {folder} and start a new run"
 
 
 def latest_checkpoint(root: str) -> str | None:
@@ -162,6 +220,11 @@ def resume(folder: str, trainer: Trainer, identity: Mapping[str, str] | None = N
 
 
 def _load_weights(folder: str, tensors: Mapping[str, torch.Tensor], trainer: Trainer) -> None:
+    for name, param in trainer.unet_parameters.items():  # all checked before any is loaded
+        saved = tensors.get(f"unet.{name}")
+        if saved is None or saved.shape != param.shape:
+            raise ControlNeXtError(f"{folder} has no trained UNet weight '{name}' of shape {list(param.shape)}: "
+                                   f"it was trained for another model (another family or train_unet choice).")
     encoder = {name[len("encoder."):]: value for name, value in tensors.items() if name.startswith("encoder.")}
     try:
         trainer.encoder.load_state_dict(encoder)
@@ -169,11 +232,7 @@ def _load_weights(folder: str, tensors: Mapping[str, torch.Tensor], trainer: Tra
         raise ControlNeXtError(f"The encoder in {folder} does not fit this run's encoder: {error}") from None
     with torch.no_grad():
         for name, param in trainer.unet_parameters.items():
-            saved = tensors.get(f"unet.{name}")
-            if saved is None or saved.shape != param.shape:
-                raise ControlNeXtError(f"{folder} has no trained UNet weight '{name}' of shape {list(param.shape)}: "
-                                       f"it was trained for another model (another family or train_unet choice).")
-            param.copy_(saved)
+            param.copy_(tensors[f"unet.{name}"])
 
 
 def _load_optimizer(tensors: Mapping[str, torch.Tensor], info: Mapping, trainer: Trainer, strict: bool) -> bool:

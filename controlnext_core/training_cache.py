@@ -16,6 +16,7 @@ shard that is not complete.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -37,6 +38,22 @@ INDEX_FILE = "index.json"
 SHARDS_FOLDER = "shards"
 _SHARD_FILE = re.compile(r"(\d+)\.safetensors")
 _TEMPORARY_PREFIX = ".tmp-"
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+_OS_ERROR_NUMBER = re.compile(r"\(os error (\d+)\)")
+
+
+def write_advice(error: BaseException) -> str:
+    """What to do about an error writing a file, from its OS error number: an OSError's, or the one
+    safetensors names in its message (it raises SafetensorError, not OSError, for a full disk)."""
+    number = error.errno if isinstance(error, OSError) else None
+    if number is None and (match := _OS_ERROR_NUMBER.search(str(error))):
+        number = int(match.group(1))
+    if number in _DISK_FULL:
+        return "The disk is full (or the file is over a size limit): free some disk space"
+    if number in _NOT_WRITABLE:
+        return "The folder cannot be written: make it writable"
+    return "Check the disk"
 
 
 class _Entry(NamedTuple):
@@ -292,6 +309,11 @@ class CacheWriter:
             self._flush()
         self._pending = []
 
+    def flush(self) -> None:
+        """Writes the items added so far as a shard now: a caller that stops between items (a Cancel,
+        a picture that cannot be read) keeps every item it encoded, and a rerun goes on after them."""
+        self._flush()
+
     def _flush(self) -> None:
         if self._pending:
             self._cache._commit_shard(self._pending)
@@ -307,6 +329,12 @@ def _write_atomically(path: str, write: Callable[[str], None]) -> None:
         with open(temporary, "rb+") as file:
             os.fsync(file.fileno())
         os.replace(temporary, path)
+    except (OSError, safetensors.SafetensorError) as error:
+        cache = os.path.dirname(path)
+        cache = os.path.dirname(cache) if os.path.basename(cache) == SHARDS_FOLDER else cache
+        raise ControlNeXtError(f"Could not write {path} of the training cache ({error}); the pairs cached before are "
+                               f"kept in {cache}. {write_advice(error)}, then queue again: the cache goes on from "
+                               f"where it stopped.") from None
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)

@@ -192,6 +192,55 @@ def fingerprint(module: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def text_encoder_fingerprint(clip) -> str:
+    """What the captions' embeddings depend on besides the caption: the text encoder's weights as
+    loaded (before any LoRA), the patches on them (a LoRA, a merge) with their strengths, the layer
+    it reads (CLIP Set Last Layer) and its tokenizer options. Taken from the CLIP's patcher, so it is
+    the same whether ComfyUI has applied the patches to the weights at the moment or not."""
+    patcher = getattr(clip, "patcher", None)
+    if not hasattr(patcher, "get_key_patches"):  # not ComfyUI's CLIP: its weights as they are
+        return fingerprint(clip.cond_stage_model)
+    digest = hashlib.sha256()
+    for name, entries in sorted(patcher.get_key_patches().items()):
+        digest.update(name.encode())
+        base, patches = entries[0], entries[1:]
+        _digest_value(digest, base[0] if isinstance(base, tuple) else base)  # (weight, convert function)
+        _digest_value(digest, patches)
+    _digest_value(digest, {"layer": getattr(clip, "layer_idx", None),
+                           "tokenizer": dict(getattr(clip, "tokenizer_options", None) or {})})
+    return digest.hexdigest()[:16]
+
+
+def _digest_value(digest, value, depth: int = 0) -> None:
+    """Adds a value to ``digest``: tensors by shape, dtype and a few values; containers, numbers and
+    text by content; other objects (a patch's adapter) by their type and attributes."""
+    if isinstance(value, torch.Tensor):
+        flat = value.detach().flatten()
+        digest.update(f"T{tuple(value.shape)}{value.dtype}".encode())
+        digest.update(flat[:: max(1, flat.numel() // 64)].float().cpu().numpy().tobytes())
+    elif value is None or isinstance(value, (bool, int, float, str)):
+        digest.update(f"{type(value).__name__}:{value!r};".encode())
+    elif depth > 8:
+        digest.update(type(value).__qualname__.encode())
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"[{len(value)}".encode())
+        for entry in value:
+            _digest_value(digest, entry, depth + 1)
+    elif isinstance(value, (set, frozenset)):
+        digest.update(repr(sorted(map(repr, value))).encode())
+    elif isinstance(value, dict):
+        digest.update(f"{{{len(value)}".encode())
+        for key in sorted(value, key=repr):
+            digest.update(repr(key).encode())
+            _digest_value(digest, value[key], depth + 1)
+    else:
+        digest.update(type(value).__qualname__.encode())
+        attributes = getattr(value, "__dict__", None)
+        if attributes:
+            _digest_value(digest, {key: entry for key, entry in attributes.items() if not key.startswith("_")},
+                          depth + 1)
+
+
 def encode_text(clip, text: str) -> list:
     tokens = clip.tokenize(text)
     cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
@@ -200,10 +249,11 @@ def encode_text(clip, text: str) -> list:
 
 def cached_pictures(data: TrainingData, model, vae, clip, family: str, node_id, device) -> tuple[CachedPictures, str]:
     """The folder encoded into its cache (only the pairs not cached yet, or changed), and what was
-    done in words. Cancel stops the encoding; what was finished stays cached for the next run."""
+    done in words. Cancel stops the encoding, as does a picture that cannot be read: the pairs
+    encoded before it stay cached, and the next run goes on after them."""
     identity = {"format": CACHE_FORMAT, "family": family, "resolution": str(data.resolution),
                 "controls": data.make_controls, "vae": fingerprint(vae.first_stage_model),
-                "text_encoder": fingerprint(clip.cond_stage_model)}
+                "text_encoder": text_encoder_fingerprint(clip)}
     folder = os.path.join(data.root, CACHE_FOLDER, hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
                           .hexdigest()[:16])
     cache = TrainingCache(folder, identity)
@@ -215,18 +265,32 @@ def cached_pictures(data: TrainingData, model, vae, clip, family: str, node_id, 
     progress = comfy.utils.ProgressBar(len(missing), node_id=node_id)
     with cache.writer() as writer, torch.no_grad():
         for done, key in enumerate(missing):
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            picture, control = load_training_pair(by_key[key], data.resolution)
-            if control is None:
-                control = canny(picture[None], device=device)[0]
-            [[context, extra]] = encode_text(clip, by_key[key].caption)
-            tensors = {"latent": vae.encode(picture[None])[0].cpu(), "context": context[0].cpu(),
-                       "control": (control.movedim(-1, 0) * 255).round().to(torch.uint8).cpu()}
-            if extra.get("pooled_output") is not None and family == "sdxl":
-                tensors["pooled"] = extra["pooled_output"][0].cpu()
+            try:
+                if done:
+                    progress.update_absolute(done, len(missing))  # in a server, raises on a Cancel
+                comfy.model_management.throw_exception_if_processing_interrupted()
+                tensors = encode_pair(by_key[key], data, vae, clip, family, device)
+            except (comfy.model_management.InterruptProcessingException, ControlNeXtError):
+                writer.flush()  # the pairs encoded before are whole: kept, so the next run goes on after them
+                raise
             writer.add(key, digests[key], tensors)
-            progress.update_absolute(done + 1, len(missing))
+    if missing:
+        progress.update_absolute(len(missing), len(missing))
     text = (f"Encoded {len(missing)} of {len(digests)} pairs into the cache {folder}" if missing
             else f"All {len(digests)} pairs were in the cache {folder}")
     log.info("ControlNeXt training: %s (%.1f MB).", text, cache.size_bytes() / 2 ** 20)
     return CachedPictures(model, family, cache, list(digests), device), text + "."
+
+
+def encode_pair(item: TrainingItem, data: TrainingData, vae, clip, family: str, device) -> dict[str, torch.Tensor]:
+    """One pair as the cache holds it: the picture's latent, the caption's embedding (SDXL: and pooled
+    output), the control as bytes at the training resolution."""
+    picture, control = load_training_pair(item, data.resolution)
+    if control is None:
+        control = canny(picture[None], device=device)[0]
+    [[context, extra]] = encode_text(clip, item.caption)
+    tensors = {"latent": vae.encode(picture[None])[0].cpu(), "context": context[0].cpu(),
+               "control": (control.movedim(-1, 0) * 255).round().to(torch.uint8).cpu()}
+    if extra.get("pooled_output") is not None and family == "sdxl":
+        tensors["pooled"] = extra["pooled_output"][0].cpu()
+    return tensors

@@ -5,8 +5,9 @@ summed over the processes, so N processes make the step one process makes with t
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
@@ -27,6 +28,16 @@ class Processes:
     def writes(self) -> bool:
         """Whether this process writes files (checkpoints, releases, samples): the first one only."""
         return self.rank == 0
+
+    @contextlib.contextmanager
+    def writer_first(self) -> Iterator[None]:
+        """The writing process runs the body first (say, building a cache all of them read), the
+        others after it has finished."""
+        if self.count > 1 and not self.writes:
+            torch.distributed.barrier()
+        yield
+        if self.count > 1 and self.writes:
+            torch.distributed.barrier()
 
     def share(self, values: Sequence) -> list:
         """This process's contiguous part of a global batch whose size is a multiple of ``count``."""

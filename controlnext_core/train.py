@@ -479,7 +479,10 @@ def save_release(folder: str, encoder: ConditionEncoder, unet_weights: Mapping[s
                  metadata: Mapping[str, str], overwrite: bool = False) -> list[str]:
     """Write ``controlnet.safetensors`` (and ``unet.safetensors``) into ``folder``, each atomically
     (a temporary file renamed into place); an existing file is an error unless ``overwrite``."""
+    import safetensors
     import safetensors.torch
+
+    from .training_cache import write_advice
 
     files = {ENCODER_FILE: {k: v.detach().float().cpu().contiguous() for k, v in encoder.state_dict().items()}}
     if unet_weights:
@@ -496,6 +499,9 @@ def save_release(folder: str, encoder: ConditionEncoder, unet_weights: Mapping[s
             safetensors.torch.save_file(tensors, temporary, metadata=dict(metadata))
             os.chmod(temporary, 0o666 & ~_umask())  # as ComfyUI's outputs (safetensors writes 0600)
             os.replace(temporary, path)
+        except (OSError, safetensors.SafetensorError) as error:  # safetensors reports a full disk as its own error
+            raise ControlNeXtError(f"Could not write {path} ({error}): {write_advice(error)} and save "
+                                   f"again.") from None
         finally:
             if os.path.exists(temporary):
                 os.remove(temporary)

@@ -30,6 +30,7 @@ from ..controlnext_core.train import (EMPTY_PROMPT, OPTIMIZERS, RECIPES, TRAIN_L
                                       TrainingSettings, loss_summary, new_encoder, noise_schedule,
                                       release_metadata, release_unet_weights, save_release, trainable_copy,
                                       trainable_unet_names)
+from ..controlnext_core.processes import Processes
 from ..controlnext_core.training_loop import LoopHooks, run_training
 from ..controlnext_core.unet_weights import OFFICIAL_MODE
 from .loaders import CATEGORY, FOLDER, ControlNeXtType, patch_unet_weights_from
@@ -52,9 +53,11 @@ class TrainedControlNeXt(ControlNeXtFile):
     """A CONTROLNEXT made by Train ControlNeXt: Apply ControlNeXt takes it like a loaded file, and
     Save ControlNeXt writes it with the UNet weights it was trained with."""
 
-    def __init__(self, name: str, encoder, unet_file_weights: dict[str, torch.Tensor], metadata: dict[str, str]):
+    def __init__(self, name: str, encoder, unet_file_weights: dict[str, torch.Tensor], metadata: dict[str, str],
+                 release: str = ""):
         super().__init__(name, encoder, metadata)
         self.unet_file_weights = unet_file_weights
+        self.release = release  # the release folder its run's checkpoints refreshed: Save may write it again
 
 
 def diffusers_names(model) -> dict[str, str]:
@@ -431,77 +434,93 @@ class TrainControlNeXt(io.ComfyNode):
                 checkpoint_name: str = "", checkpoint_every: int = 100, resume: str = RESUME_CHOICES[0],
                 validation_images=None, validation_positive=None, validation_negative=None,
                 validation_every: int = 100) -> io.NodeOutput:
-        family = training_family(model)
-        if proportion_empty_prompts > 0 and clip is None:
-            raise ControlNeXtError("proportion_empty_prompts is above 0: connect the checkpoint's CLIP to the clip "
-                                   "input so the empty prompt can be encoded.")
-        if controlnext is not None and controlnext.layout != TRAIN_LAYOUT:
-            raise ControlNeXtError(
-                f"'{controlnext.name}' has the layout of the SD1.5 releases, which the official training code does "
-                f"not train; continue a \"base\" layout file (SDXL releases, or one trained here), or start a new "
-                f"encoder.")
+        inputs = {name: value for name, value in locals().items() if name != "cls"}
         node_id, prompt = getattr(cls.hidden, "unique_id", None), getattr(cls.hidden, "prompt", None)  # None outside a server
         check_saves_fed_by(prompt, node_id)
-        device = comfy.model_management.get_torch_device()
-        data_note = ""
-        if data is not None:
-            if vae is None or clip is None:
-                raise ControlNeXtError("Training from data encodes its pictures and captions: connect the "
-                                       "checkpoint's VAE to vae and its CLIP to clip.")
-            check_conditioning(model, family, encode_text(clip, ""), "conditioning of this CLIP")
+        return train_controlnext(**inputs, node_id=node_id, base_model=base_model_name(prompt, node_id, model))
+
+
+def train_controlnext(model, steps: int, batch_size: int, encoder_lr: float, unet_lr: float, train_unet: str,
+                      optimizer: str, warmup_steps: int, control_scale: float, proportion_empty_prompts: float,
+                      seed: int, gradient_checkpointing: bool, precision: str, latents=None, positive=None,
+                      control_images=None, controlnext=None, clip=None, data=None, vae=None,
+                      gradient_accumulation_steps: int = 1, checkpoint_name: str = "", checkpoint_every: int = 100,
+                      resume: str = RESUME_CHOICES[0], validation_images=None, validation_positive=None,
+                      validation_negative=None, validation_every: int = 100, node_id=None,
+                      base_model: str = "") -> io.NodeOutput:
+    """Train ControlNeXt's work, for the node and the headless command (controlnext_train): the inputs
+    checked, the pictures read (encoded into their cache first for ``data``), the loop run over the
+    processes this one was started with (one in a ComfyUI server)."""
+    family = training_family(model)
+    if proportion_empty_prompts > 0 and clip is None:
+        raise ControlNeXtError("proportion_empty_prompts is above 0: connect the checkpoint's CLIP to the clip "
+                               "input so the empty prompt can be encoded.")
+    if controlnext is not None and controlnext.layout != TRAIN_LAYOUT:
+        raise ControlNeXtError(
+            f"'{controlnext.name}' has the layout of the SD1.5 releases, which the official training code does "
+            f"not train; continue a \"base\" layout file (SDXL releases, or one trained here), or start a new "
+            f"encoder.")
+    device = comfy.model_management.get_torch_device()
+    data_note = ""
+    if data is not None:
+        if vae is None or clip is None:
+            raise ControlNeXtError("Training from data encodes its pictures and captions: connect the "
+                                   "checkpoint's VAE to vae and its CLIP to clip.")
+        check_conditioning(model, family, encode_text(clip, ""), "conditioning of this CLIP")
+        with Processes.joined().writer_first():  # one process builds the shared cache, the others then read it
             pictures, data_note = cached_pictures(data, model, vae, clip, family, node_id, device)
-        else:
-            if latents is None or positive is None or control_images is None:
-                raise ControlNeXtError("Connect latents, positive and control_images (pictures in memory), or data "
-                                       "(a folder from Load Training Data) with vae and clip.")
-            samples, images = latents["samples"], control_image_from_comfy(control_images)
-            check_training_inputs(model, samples, images, positive)
-            with torch.inference_mode(False):  # tensors a backward pass may keep
-                pictures = InMemoryPictures(model, family, samples, images, positive, device)
-        scale, scale_note = control_scale_for(control_scale, controlnext)
-        prediction, alphas_cumprod = training_objective(model)
-        official = optimizer == OFFICIAL
-        settings = TrainingSettings(
-            family=family, steps=steps, batch_size=batch_size, encoder_lr=None if official else encoder_lr,
-            unet_lr=None if official else unet_lr, train_unet=train_unet != "none",
-            optimizer=None if official else optimizer, warmup_steps=None if official else warmup_steps,
-            control_scale=scale, prediction=prediction, proportion_empty_prompts=proportion_empty_prompts,
-            seed=seed, gradient_accumulation_steps=gradient_accumulation_steps).resolved()
-        empty = encode_text(clip, EMPTY_PROMPT[family]) if proportion_empty_prompts > 0 else None
-        if empty is not None:
-            check_conditioning(model, family, empty, "empty prompt's conditioning")
-        with torch.inference_mode(False):  # weights that can be trained (nodes run under inference mode)
-            encoder = new_encoder(settings.seed) if controlnext is None else trainable_copy(controlnext.encoder)
-        base_model = base_model_name(prompt, node_id, model)
-        plan = CheckpointPlan(checkpoint_name, checkpoint_every, resume,
-                              {"base_model": base_model, "data": pictures.digest}, base_model,
-                              diffusers_names(model)) if checkpoint_name.strip() else None
-        validation = None
-        if validation_images is not None:
-            if validation_positive is None or vae is None:
-                raise ControlNeXtError("Validation samples need validation_positive (their prompt) and the "
-                                       "checkpoint's VAE (to decode them).")
-            validation = ValidationPlan(model, family, vae, validation_images, validation_positive,
-                                        validation_negative, validation_every, seed,
-                                        checkpoint_name.strip() or f"run-{node_id or 'local'}")
-        run = train(model, family, pictures, empty, settings, encoder, gradient_checkpointing,
-                    _autocast_dtype(precision, model), alphas_cumprod, node_id, plan, validation)
-        name = f"trained ControlNeXt ({family}, {run.trainer.steps_done} steps)"
-        file_weights = release_file_weights(run.unet_file_weights, diffusers_names(model))
-        metadata = release_metadata(family, settings.control_scale, run.trainer.steps_done, base_model)
-        trained = TrainedControlNeXt(name, run.trainer.finish(), file_weights, metadata)
-        patched = (patch_unet_weights_from(model, file_weights, name, 1.0, OFFICIAL_MODE[family]) if file_weights
-                   else model.clone())
-        message = " ".join(part for part in (
-            data_note, run.message, loss_summary(run.trainer.losses) + ".", f"{prediction} target; {recipe_text(settings)}.",
-            scale_note) if part)
-        ui = {"controlnext_info": [message]}
-        if validation is not None and validation.rounds:
-            ui["images"] = [validation.strip()]
-            message += f" {validation.summary()}"
-            ui["controlnext_info"] = [message]
-        log.info("ControlNeXt training: %s", message)
-        return io.NodeOutput(trained, patched, {"loss": list(run.trainer.losses)}, ui=ui)
+    else:
+        if latents is None or positive is None or control_images is None:
+            raise ControlNeXtError("Connect latents, positive and control_images (pictures in memory), or data "
+                                   "(a folder from Load Training Data) with vae and clip.")
+        samples, images = latents["samples"], control_image_from_comfy(control_images)
+        check_training_inputs(model, samples, images, positive)
+        with torch.inference_mode(False):  # tensors a backward pass may keep
+            pictures = InMemoryPictures(model, family, samples, images, positive, device)
+    scale, scale_note = control_scale_for(control_scale, controlnext)
+    prediction, alphas_cumprod = training_objective(model)
+    official = optimizer == OFFICIAL
+    settings = TrainingSettings(
+        family=family, steps=steps, batch_size=batch_size, encoder_lr=None if official else encoder_lr,
+        unet_lr=None if official else unet_lr, train_unet=train_unet != "none",
+        optimizer=None if official else optimizer, warmup_steps=None if official else warmup_steps,
+        control_scale=scale, prediction=prediction, proportion_empty_prompts=proportion_empty_prompts,
+        seed=seed, gradient_accumulation_steps=gradient_accumulation_steps).resolved()
+    empty = encode_text(clip, EMPTY_PROMPT[family]) if proportion_empty_prompts > 0 else None
+    if empty is not None:
+        check_conditioning(model, family, empty, "empty prompt's conditioning")
+    with torch.inference_mode(False):  # weights that can be trained (nodes run under inference mode)
+        encoder = new_encoder(settings.seed) if controlnext is None else trainable_copy(controlnext.encoder)
+    base_model = base_model or model_type_name(model.model)
+    plan = CheckpointPlan(checkpoint_name, checkpoint_every, resume,
+                          {"base_model": base_model, "data": pictures.digest}, base_model,
+                          diffusers_names(model)) if checkpoint_name.strip() else None
+    validation = None
+    if validation_images is not None:
+        if validation_positive is None or vae is None:
+            raise ControlNeXtError("Validation samples need validation_positive (their prompt) and the "
+                                   "checkpoint's VAE (to decode them).")
+        validation = ValidationPlan(model, family, vae, validation_images, validation_positive,
+                                    validation_negative, validation_every, seed,
+                                    checkpoint_name.strip() or f"run-{node_id or 'local'}")
+    run = train(model, family, pictures, empty, settings, encoder, gradient_checkpointing,
+                _autocast_dtype(precision, model), alphas_cumprod, node_id, plan, validation)
+    name = f"trained ControlNeXt ({family}, {run.trainer.steps_done} steps)"
+    file_weights = release_file_weights(run.unet_file_weights, diffusers_names(model))
+    metadata = release_metadata(family, settings.control_scale, run.trainer.steps_done, base_model)
+    trained = TrainedControlNeXt(name, run.trainer.finish(), file_weights, metadata, plan.folder if plan else "")
+    patched = (patch_unet_weights_from(model, file_weights, name, 1.0, OFFICIAL_MODE[family]) if file_weights
+               else model.clone())
+    message = " ".join(part for part in (
+        data_note, run.message, loss_summary(run.trainer.losses) + ".", f"{prediction} target; {recipe_text(settings)}.",
+        scale_note) if part)
+    ui = {"controlnext_info": [message]}
+    if validation is not None and validation.rounds:
+        ui["images"] = [validation.strip()]
+        message += f" {validation.summary()}"
+        ui["controlnext_info"] = [message]
+    log.info("ControlNeXt training: %s", message)
+    return io.NodeOutput(trained, patched, {"loss": list(run.trainer.losses)}, ui=ui)
 
 
 class CheckpointPlan:
@@ -666,7 +685,7 @@ def train(model, family: str, pictures, empty: list | None, settings: TrainingSe
         denoiser = ComfyDenoiser(model, family, names)
         with denoiser.loaded(use_checkpointing):
             base_weights = denoiser.unet_weights(names)
-            trainer = Trainer(encoder, base_weights, settings, device, alphas_cumprod)
+            trainer = Trainer(encoder, base_weights, settings, device, alphas_cumprod, Processes.joined())
             denoiser.train_through(trainer.unet_parameters)
             started = plan.start(trainer) if plan else ""
             scaler = (torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 and device.type == "cuda"
@@ -694,10 +713,12 @@ def release_folder(name: str) -> str:
     return os.path.join(folder_paths.get_folder_paths(FOLDER)[0], clean)
 
 
-def release_name_is_free(name: str, overwrite: bool) -> None:
+def release_name_is_free(name: str, overwrite: bool, own_release: str = "") -> None:
+    """Refuses a name whose folder holds release files, unless ``overwrite`` or the folder is
+    ``own_release``, the one the saved run's checkpoints refreshed with its own weights."""
     folder = release_folder(name)
     taken = sorted(file for file in os.listdir(folder) if file.endswith(".safetensors")) if os.path.isdir(folder) else []
-    if taken and not overwrite:
+    if taken and not overwrite and folder != own_release:
         raise ControlNeXtError(f"models/controlnext/{name.strip()} already holds {', '.join(taken)}: choose another "
                                f"name, or set overwrite.")
 
@@ -705,13 +726,15 @@ def release_name_is_free(name: str, overwrite: bool) -> None:
 def check_saves_fed_by(prompt: dict | None, node_id) -> None:
     """The Save ControlNeXt nodes this Train node feeds, checked before training: a taken name found
     only after the run would lose it."""
+    checkpoint_name = ((prompt or {}).get(str(node_id)) or {}).get("inputs", {}).get("checkpoint_name")
+    own_release = release_folder(checkpoint_name) if isinstance(checkpoint_name, str) and checkpoint_name.strip() else ""
     for save_id, node in (prompt or {}).items():
         inputs = node.get("inputs", {})
         link = inputs.get("controlnext")
         if (node.get("class_type") == "ControlNeXtSave" and isinstance(link, list) and str(link[0]) == str(node_id)
                 and isinstance(inputs.get("name"), str)):
             try:
-                release_name_is_free(inputs["name"], bool(inputs.get("overwrite")))
+                release_name_is_free(inputs["name"], bool(inputs.get("overwrite")), own_release)
             except ControlNeXtError as error:
                 raise ControlNeXtError(f"Save ControlNeXt (node {save_id}) could not save this training: {error} "
                                        f"Nothing was trained.") from None
@@ -742,9 +765,12 @@ class SaveControlNeXt(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, name: str, overwrite: bool) -> bool | str:
         """Checked when the prompt is queued (and by Train ControlNeXt before it trains: ComfyUI still
-        runs the outputs that do not need a Save that failed validation)."""
+        runs the outputs that do not need a Save that failed validation). A folder that holds checkpoints
+        is left to Train's check, which sees whether they are its own run's."""
         try:
-            release_name_is_free(name, overwrite)
+            folder = release_folder(name)
+            release_name_is_free(name, overwrite, folder if checkpoint_folders(os.path.join(folder, "checkpoints"))
+                                 else "")
         except ControlNeXtError as error:
             return str(error)
         return True
@@ -756,7 +782,7 @@ class SaveControlNeXt(io.ComfyNode):
                                    f"ControlNeXt writes the output of Train ControlNeXt.")
         folder = release_folder(name)
         paths = save_release(folder, controlnext.encoder, controlnext.unet_file_weights, controlnext.metadata,
-                             overwrite)
+                             overwrite or folder == controlnext.release)
         return io.NodeOutput(folder, ui={"controlnext_info": [f"Saved {', '.join(paths)}"]})
 
 

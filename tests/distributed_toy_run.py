@@ -77,10 +77,16 @@ def main() -> None:
     parser.add_argument("--stop-at", type=int, default=None)
     parser.add_argument("--stopping-rank", type=int, default=0)
     parser.add_argument("--resume", default="")
+    parser.add_argument("--shared-file", default="", help="made by the first process to reach it (writer_first)")
     args = parser.parse_args()
     if "WORLD_SIZE" in os.environ:
         torch.distributed.init_process_group("gloo")
     processes = Processes.joined()
+    if args.shared_file:
+        with processes.writer_first():
+            if not os.path.exists(args.shared_file):
+                with open(args.shared_file, "w") as file:
+                    file.write(f"made by rank {processes.rank}")
     hooks = CheckpointHooks(args.checkpoints, args.every, args.stop_at, args.stopping_rank, processes.rank)
     trainer, message = toy_run(args.steps, args.batch_size, processes, hooks, args.accumulation, args.resume)
     if processes.writes:

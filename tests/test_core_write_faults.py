@@ -159,6 +159,13 @@ FULL_DISK = textwrap.dedent("""
         report["previous"] = checkpoints.save_checkpoint(root, trainer)
         report["before"] = folder_bytes(root)
         run_steps(trainer, toy, *shapes_dataset(count=5), 1)
+    elif what == "release":
+        from controlnext_core import train
+        root = os.path.join(folder, "release")
+        toy, trainer = trained(1)
+        release = (trainer.encoder, trainer.trained_unet(), {{"family": "sdxl"}})
+        train.save_release(root, *release)
+        report["before"] = folder_bytes(root)
     else:
         identity = {{"family": "sd15", "resolution": "64"}}
         cache = TrainingCache(os.path.join(folder, "cache"), identity)
@@ -177,6 +184,8 @@ FULL_DISK = textwrap.dedent("""
     try:
         if what == "checkpoint":
             checkpoints.save_checkpoint(root, trainer)
+        elif what == "release":
+            train.save_release(root, *release, overwrite=True)
         else:
             for key in ("c", "d"):
                 writer.add(key, "d", item)
@@ -187,6 +196,9 @@ FULL_DISK = textwrap.dedent("""
     if what == "checkpoint":
         report["after"] = folder_bytes(root)
         report["latest"] = checkpoints.latest_checkpoint(root)
+        report["listing"] = sorted(os.listdir(root))
+    elif what == "release":
+        report["after"] = folder_bytes(root)
         report["listing"] = sorted(os.listdir(root))
     else:
         report["listing"] = sorted(os.listdir(os.path.join(folder, "cache", "shards")))
@@ -246,6 +258,19 @@ def test_a_full_disk_during_the_cache_build_keeps_its_whole_shards(tmp_path, how
     assert f"Could not write {shard} of the training cache" in error
     assert "free some disk space, then queue again" in error and "the pairs cached before are kept" in error
     assert report["listing"] == ["0.safetensors"] and report["cached"] == ["a", "b"]
+
+
+@pytest.mark.parametrize("how", ["tmpfs", "file size limit"])
+def test_a_full_disk_while_saving_a_release_keeps_its_files_and_says_what_to_do(tmp_path, how):
+    """Save ControlNeXt (and each checkpoint's release refresh) on a full disk: a clear error naming the
+    file, the release there before byte for byte, no temporary file (safetensors' own error escaped raw)."""
+    report = run_on_a_full_disk(tmp_path, "release", how, fits=20_000)
+    error = report["error"]
+    assert error is not None, "the release was written on a full disk"
+    assert f"Could not write {tmp_path / 'disk' / 'release' / 'controlnet.safetensors'}" in error
+    assert "free some disk space and save again" in error
+    assert report["listing"] == ["controlnet.safetensors", "unet.safetensors"]
+    assert report["after"] == report["before"]
 
 
 # --- a checkpoint folder cut short, or of another run ----------------------------------------------------------------

@@ -323,6 +323,27 @@ def test_a_taken_save_name_is_refused_when_queued(models_folder):
     assert "not a folder name" in Save.validate_inputs("../outside", True)
 
 
+def test_save_may_write_the_release_its_own_runs_checkpoints_refreshed(models_folder):
+    """Save named as Train's checkpoint_name: the checkpoints wrote the release files during the run
+    (and a resumed run finds them there); Save writes the final ones over them, without overwrite.
+    Another run's checkpointed release stays refused."""
+    graph = {"1": {"class_type": "ControlNeXtTrain", "inputs": {"checkpoint_name": "mine"}},
+             "2": {"class_type": "ControlNeXtSave", "inputs": {"controlnext": ["1", 0], "name": "mine",
+                                                                "overwrite": False}}}
+    result = run_train("sd15", steps=2, checkpoint_name="mine", checkpoint_every=1)
+    assert os.path.isfile(models_folder / "mine" / "controlnet.safetensors")  # refreshed by the checkpoints
+    assert Save.validate_inputs("mine", False) is True  # checkpoints there: left to Train's check
+    train_nodes.check_saves_fed_by(graph, "1")
+    Save.execute(result.result[0], "mine", False)
+    assert release_files(models_folder / "mine")["controlnet.safetensors"].keys()
+    graph["1"]["inputs"]["checkpoint_name"] = "another"
+    with pytest.raises(host.core.ControlNeXtError, match=r"Save ControlNeXt \(node 2\).*already holds"):
+        train_nodes.check_saves_fed_by(graph, "1")
+    other = run_train("sd15", steps=1, checkpoint_name="another")
+    with pytest.raises(host.core.ControlNeXtError, match="already exists"):
+        Save.execute(other.result[0], "mine", False)
+
+
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_gradient_checkpointing_gives_the_same_steps_on_weights_loaded_in_inference_mode(family):
     """ComfyUI loads checkpoints under torch.inference_mode. The backward pass recomputes each layer

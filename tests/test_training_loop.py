@@ -135,7 +135,8 @@ def test_two_processes_make_the_steps_of_one_process_with_their_whole_batch(tmp_
     single, _ = toy_run(6, 4, Processes())
     expected = trained_state(single)
     for name, args in (("batch", ["--batch-size", "2"]), ("accumulated", ["--batch-size", "1", "--accumulation", "2"])):
-        run = torchrun(tmp_path / name, "--steps", "6", *args)
+        run = torchrun(tmp_path / name, "--steps", "6", "--shared-file", str(tmp_path / f"{name}.cache"), *args)
+        assert (tmp_path / f"{name}.cache").read_text() == "made by rank 0"  # the others waited for the writer
         assert run["processes"] == 2 and run["steps_done"] == 6
         assert run["losses"] == pytest.approx(single.losses, rel=1e-6)
         assert close(run["weights"], expected, 1e-5), name

@@ -87,7 +87,7 @@ def built_world(cache: str, world: toy_world.World) -> str:
     """The folder of the toy world (toy_world.build_world), built into ``cache`` the first time."""
     folder = os.path.join(cache, f"toy-world-{digest(WORLD_SOURCES, repr(world))}")
     if not os.path.exists(os.path.join(folder, toy_world.SUMMARY_FILE)):
-        print(f"building the toy world into {folder} (once: about 4 minutes on two CPU cores)", file=sys.stderr)
+        print(f"building the toy world into {folder} (once: the demo's takes about 17 minutes of CPU time)", file=sys.stderr)
         made_whole(folder, lambda staged: toy_world.build_world(world, staged))
     return folder
 

@@ -104,18 +104,9 @@ class TrainingCache:
         """The tensors of these items, stacked along a new first dimension in the order of ``keys``.
         Only their rows are read from the shards (memory-mapped), so a batch costs the same whatever
         the size of the cache."""
-        if not keys:
-            raise ControlNeXtError("No items to read from the training cache: ask for at least one.")
-        absent = [key for key in keys if key not in self._entries]
-        if absent:
-            raise ControlNeXtError(
-                f"{len(absent)} item(s) are not in the training cache at {self.folder} (first: {absent[0]!r}): "
-                "build the cache for this data set first (missing() names the items to encode).")
-        positions: dict[int, list[int]] = {}
-        for position, key in enumerate(keys):
-            positions.setdefault(self._entries[key].shard, []).append(position)
+        self._check_present(keys)
         batch: dict[str, torch.Tensor] = {}
-        for shard, shard_positions in positions.items():
+        for shard, shard_positions in self._positions_by_shard(keys).items():
             with self._open_shard(shard) as file:
                 names = _names_by_row(file.keys())
                 for position in shard_positions:
@@ -127,6 +118,19 @@ class TrainingCache:
                     for name in names[row]:
                         _put(batch, name, position, len(keys), file.get_tensor(f"{row}.{name}"), keys)
         return batch
+
+    def read_rows(self, keys: Sequence[str]) -> list[dict[str, torch.Tensor]]:
+        """Each item's tensors as stored (not stacked: items may differ in shape, say captions of
+        other token lengths), in the order of ``keys``; each shard opened once for all its items."""
+        self._check_present(keys)
+        rows: list[dict[str, torch.Tensor]] = [{} for _ in keys]
+        for shard, shard_positions in self._positions_by_shard(keys).items():
+            with self._open_shard(shard) as file:
+                names = _names_by_row(file.keys())
+                for position in shard_positions:
+                    row = self._entries[keys[position]].row
+                    rows[position] = {name: file.get_tensor(f"{row}.{name}") for name in names[row]}
+        return rows
 
     def size_bytes(self) -> int:
         """The bytes the folder takes on disk (the index, the shards and any leftovers a writer will remove)."""
@@ -216,6 +220,22 @@ class TrainingCache:
 
     def _shard_path(self, shard: int) -> str:
         return os.path.join(self.folder, SHARDS_FOLDER, f"{shard}.safetensors")
+
+    def _check_present(self, keys: Sequence[str]) -> None:
+        if not keys:
+            raise ControlNeXtError("No items to read from the training cache: ask for at least one.")
+        absent = [key for key in keys if key not in self._entries]
+        if absent:
+            raise ControlNeXtError(
+                f"{len(absent)} item(s) are not in the training cache at {self.folder} (first: {absent[0]!r}): "
+                "build the cache for this data set first (missing() names the items to encode).")
+
+    def _positions_by_shard(self, keys: Sequence[str]) -> dict[int, list[int]]:
+        """The positions in ``keys`` of the items of each shard."""
+        positions: dict[int, list[int]] = {}
+        for position, key in enumerate(keys):
+            positions.setdefault(self._entries[key].shard, []).append(position)
+        return positions
 
     def _open_shard(self, shard: int):
         path = self._shard_path(shard)

@@ -150,13 +150,17 @@ class CachedPictures:
         self.digest = hashlib.sha256(json.dumps(sorted(keys)).encode()).hexdigest()[:16]
 
     def batch(self, indices: list[int], empty: list | None, empties: list[bool]) -> TrainingBatch:
-        rows = [self.cache.read([self.keys[i]]) for i in indices]  # captions may differ in token length
-        latents = torch.cat([row["latent"] for row in rows]).to(self.device, torch.float32)
-        controls = torch.cat([row["control"] for row in rows]).to(self.device, torch.float32) / 255.0
-        entries = [empty[0] if is_empty else [row["context"], {"pooled_output": row.get("pooled")}]
+        rows = self.cache.read_rows([self.keys[i] for i in indices])  # captions may differ in token length
+        latents = torch.stack([row["latent"] for row in rows]).to(self.device, torch.float32)
+        controls = torch.stack([row["control"] for row in rows]).to(self.device, torch.float32) / 255.0
+        entries = [empty[0] if is_empty else [row["context"][None], {"pooled_output": _first_axis(row.get("pooled"))}]
                    for row, is_empty in zip(rows, empties)]
         return TrainingBatch(self.model.model.process_latent_in(latents), controls,
                              batch_conditioning(self.model, self.family, entries, latents.shape))
+
+
+def _first_axis(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor[None]
 
 
 def batch_conditioning(model, family: str, entries: list, latent_shape) -> tuple[torch.Tensor, torch.Tensor | None]:

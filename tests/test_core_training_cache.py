@@ -56,6 +56,27 @@ def test_items_read_back_bit_exact_across_shards_and_after_reopening(tmp_path):
                                      for root, _, files in os.walk(tmp_path) for file in files)
 
 
+def test_rows_read_back_as_stored_in_the_order_asked_each_shard_opened_once(tmp_path, monkeypatch):
+    keys = names(10)
+    build(TrainingCache(str(tmp_path), IDENTITY), keys)
+    cache = TrainingCache(str(tmp_path), IDENTITY)
+    with cache.writer() as writer:  # an item of other shapes (a longer caption) may share a batch here
+        writer.add("long", "d", {**item(20), "context": torch.randn(154, 16).half()})
+    opened = []
+    original = cache._open_shard
+    monkeypatch.setattr(cache, "_open_shard", lambda shard: opened.append(shard) or original(shard))
+    asked = ["picture-9", "long", "picture-0", "picture-1", "picture-9"]
+    rows = cache.read_rows(asked)
+    assert sorted(opened) == [0, 2, 3]  # shards of pictures 0-3, 8-9 and the new one: each once
+    for key, row in zip(asked, rows):
+        expected = {**item(20), "context": row["context"]} if key == "long" else item(int(key.split("-")[1]))
+        assert row.keys() == expected.keys()
+        assert all(row[name].dtype == value.dtype and torch.equal(row[name], value) for name, value in expected.items())
+    assert rows[1]["context"].shape == (154, 16)
+    with pytest.raises(cn.ControlNeXtError, match="not in the training cache"):
+        cache.read_rows(["picture-99"])
+
+
 def test_an_added_item_is_a_copy_so_the_caller_may_reuse_its_buffers(tmp_path):
     latent = torch.empty(4, 8, 8)  # one output buffer for every encoding
     cache = TrainingCache(str(tmp_path), IDENTITY)

@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import comfy_host  # noqa: E402
+from run import process_status_bytes  # noqa: E402
 
 # Sizes on this CPU (2 cores) keep the whole benchmark under 10 minutes; the FLOP floors are also
 # counted at the paper's sizes. (height, width) in pixels; frames only for SVD.
@@ -147,14 +148,6 @@ class MemoryProbe:
             M_MMAP_THRESHOLD = -3
             self.libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024 if precise else 32 * 1024 * 1024)
 
-    @staticmethod
-    def _status(field: str) -> int:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError(field)
-
     def start(self) -> None:
         gc.collect()
         if self.device.type == "cuda":
@@ -165,13 +158,13 @@ class MemoryProbe:
             self.libc.malloc_trim(0)
             with open("/proc/self/clear_refs", "w") as refs:
                 refs.write("5")
-            self.base = self._status("VmRSS:")
+            self.base = process_status_bytes("VmRSS:")
 
     def stop(self) -> int:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             return torch.cuda.max_memory_allocated(self.device) - self.base
-        return self._status("VmHWM:") - self.base
+        return process_status_bytes("VmHWM:") - self.base
 
 
 # ---------------------------------------------------------------- timing

@@ -81,6 +81,25 @@ def machine() -> dict:
     return info
 
 
+def process_status_bytes(field: str) -> int:
+    """A size field of /proc/self/status (VmRSS:, VmHWM:...) in bytes (Linux)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def write_results(folder: str, name: str, summary: dict, table: str) -> None:
+    """``<folder>/<name>.json`` (every figure) and ``.md`` (the table), and where they went."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"{name}.json"), "w") as file:
+        json.dump(summary, file, indent=1)
+    with open(os.path.join(folder, f"{name}.md"), "w") as file:
+        file.write(table)
+    print(f"wrote {os.path.relpath(folder, ROOT)}/{name}.json and {name}.md", flush=True)
+
+
 def load_average() -> list[float] | None:
     try:
         return [round(v, 2) for v in os.getloadavg()]

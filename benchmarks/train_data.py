@@ -118,14 +118,6 @@ class Peaks:
         self.phases: dict[str, dict] = {}
         self._reset()
 
-    @staticmethod
-    def _status(field: str) -> int:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError(field)
-
     def _reset(self) -> None:
         with open("/proc/self/clear_refs", "w") as refs:
             refs.write("5")
@@ -133,7 +125,7 @@ class Peaks:
 
     def mark(self, phase: str) -> None:
         """Ends a phase: its peak, the resident set after it, its wall time."""
-        self.phases[phase] = {"peak": self._status("VmHWM:"), "after": self._status("VmRSS:"),
+        self.phases[phase] = {"peak": run.process_status_bytes("VmHWM:"), "after": run.process_status_bytes("VmRSS:"),
                               "wall_s": time.perf_counter() - self._started}
         self._reset()
 
@@ -662,13 +654,8 @@ def main() -> None:
     table = markdown(summary)
     print()
     print(table)
-    os.makedirs(args.results, exist_ok=True)
-    with open(os.path.join(args.results, "train_data.json"), "w") as file:
-        json.dump(summary, file, indent=1)
-    with open(os.path.join(args.results, "train_data.md"), "w") as file:
-        file.write(table)
-    print(f"wrote {os.path.relpath(args.results, run.ROOT)}/train_data.json and train_data.md "
-          f"in {summary['wall_s']:.0f} s")
+    run.write_results(args.results, "train_data", summary, table)
+    print(f"in {summary['wall_s']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -489,13 +489,8 @@ def main() -> None:
     table = markdown(summary)
     print()
     print(table)
-    os.makedirs(args.results, exist_ok=True)
-    with open(os.path.join(args.results, "train_step.json"), "w") as file:
-        json.dump(summary, file, indent=1)
-    with open(os.path.join(args.results, "train_step.md"), "w") as file:
-        file.write(table)
-    print(f"wrote {os.path.relpath(args.results, run.ROOT)}/train_step.json and train_step.md "
-          f"in {summary['wall_s']:.0f} s")
+    run.write_results(args.results, "train_step", summary, table)
+    print(f"in {summary['wall_s']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ INFO_KEYS = ("settings", "steps_done", "losses", "data_order", "optimizer_groups
 STATE_TENSORS = ("rng.noise", "rng.data")
 # settings a resumed run may change without being a new run: how long it goes on
 EXTENDABLE = ("steps",)
+# settings whose product with the number of processes a resume keeps, not each of them
+GLOBAL_BATCH = ("batch_size", "gradient_accumulation_steps")
 
 
 def schedule_digest(trainer: Trainer) -> str:
@@ -179,9 +181,13 @@ def differences(info: Mapping, trainer: Trainer, identity: Mapping[str, str] | N
     """What differs between a checkpoint and the run about to continue it, one line each."""
     saved, now = info["settings"], dataclasses.asdict(trainer.settings)
     found = [f"{name}: {saved.get(name)!r} in the checkpoint, {now[name]!r} now"
-             for name in now if name not in EXTENDABLE and saved.get(name) != now[name]]
-    if info.get("processes", 1) != trainer.processes.count:  # each step's batch is batch x accumulation x processes
-        found.append(f"processes: {info.get('processes', 1)} in the checkpoint, {trainer.processes.count} now")
+             for name in now if name not in EXTENDABLE + GLOBAL_BATCH and saved.get(name) != now[name]]
+    saved_batch = global_batch(saved, info.get("processes", 1))
+    if saved_batch != global_batch(now, trainer.processes.count):
+        found.append(f"the global batch (batch_size x gradient_accumulation_steps x processes): "
+                     f"{_batch_text(saved, info.get('processes', 1))} in the checkpoint, "
+                     f"{_batch_text(now, trainer.processes.count)} now; keep {saved_batch} pictures per step (on "
+                     f"another number of processes, change batch_size or gradient_accumulation_steps to match)")
     if info["schedule"] != schedule_digest(trainer):
         found.append("the model's noise schedule differs (another prediction type or zsnr setting)")
     saved_identity, identity = info.get("identity", {}), dict(identity or {})
@@ -190,6 +196,17 @@ def differences(info: Mapping, trainer: Trainer, identity: Mapping[str, str] | N
     if info["unet_names"] != sorted(trainer.unet_parameters):
         found.append("the trained UNet weights are another set (another model or train_unet choice)")
     return found
+
+
+def global_batch(settings: Mapping, processes: int) -> int:
+    """Pictures per optimiser step over all processes: what a resume must keep (how it is split
+    into processes and micro-batches changes neither the draws nor the step)."""
+    return int(settings.get("batch_size", 1)) * int(settings.get("gradient_accumulation_steps", 1)) * processes
+
+
+def _batch_text(settings: Mapping, processes: int) -> str:
+    return (f"{global_batch(settings, processes)} ({settings.get('batch_size', 1)} x "
+            f"{settings.get('gradient_accumulation_steps', 1)} x {processes})")
 
 
 def resume(folder: str, trainer: Trainer, identity: Mapping[str, str] | None = None,
@@ -216,7 +233,11 @@ def resume(folder: str, trainer: Trainer, identity: Mapping[str, str] | None = N
     trainer.data_order = list(info["data_order"])
     trainer.steps_done = int(info["steps_done"])
     trainer.losses = [float(loss) for loss in info["losses"]]
-    return f"Resumed {folder} at step {trainer.steps_done}."
+    was = _batch_text(info["settings"], info.get("processes", 1))
+    now = _batch_text(dataclasses.asdict(trainer.settings), trainer.processes.count)
+    split = (f" with its global batch split anew: {now} (batch_size x gradient_accumulation_steps x processes), "
+             f"was {was}") if now != was else ""
+    return f"Resumed {folder} at step {trainer.steps_done}{split}."
 
 
 def _load_weights(folder: str, tensors: Mapping[str, torch.Tensor], trainer: Trainer) -> None:

@@ -112,6 +112,12 @@ def load_training_pair(item: TrainingItem, resolution: int) -> tuple[torch.Tenso
     return _square(picture, resolution), _square(control, resolution)
 
 
+def load_picture(path: str, resolution: int) -> torch.Tensor:
+    """One picture as [H, W, 3] float32 in 0..1, upright, shorter side scaled and centre-cropped to a
+    square (a validation control given by path, as the training pairs are read)."""
+    return _square(_open_upright(path), resolution)
+
+
 def content_digest(path: str) -> str:
     """The sha256 of the file's bytes (hex), read in chunks: a cache key that changes when the content does."""
     digest = hashlib.sha256()

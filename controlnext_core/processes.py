@@ -6,10 +6,21 @@ summed over the processes, so N processes make the step one process makes with t
 from __future__ import annotations
 
 import contextlib
+import datetime
+import logging
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
 import torch
+
+from .errors import ControlNeXtError
+
+log = logging.getLogger("ControlNeXt")
+
+
+class ProcessesStopped(ControlNeXtError):
+    """A collective call failed: another process of the run ended (a crash, a kill) or did not answer
+    within the timeout."""
 
 
 @dataclass(frozen=True)
@@ -30,14 +41,44 @@ class Processes:
         return self.rank == 0
 
     @contextlib.contextmanager
-    def writer_first(self) -> Iterator[None]:
+    def writer_first(self, wait_s: float | None = None, what: str = "its work") -> Iterator[None]:
         """The writing process runs the body first (say, building a cache all of them read), the
-        others after it has finished."""
-        if self.count > 1 and not self.writes:
-            torch.distributed.barrier()
-        yield
-        if self.count > 1 and self.writes:
-            torch.distributed.barrier()
+        others after it has finished. They wait up to ``wait_s`` (default: the group's collective
+        timeout) on a CPU group of their own, so a long build trips no GPU collective's timeout; a
+        writer that fails or dies ends their wait at once."""
+        if self.count == 1:
+            yield
+            return
+        timeout = None if wait_s is None else datetime.timedelta(seconds=wait_s)
+        group = torch.distributed.new_group(backend="gloo", timeout=timeout) if timeout else None
+        if not self.writes:
+            log.info("Process %d of %d: waiting for process 0 to build %s%s.", self.rank, self.count, what,
+                     f" (at most {wait_s / 60:.0f} minutes)" if wait_s else "")
+            self._barrier(group, wait_s, what)
+        yield  # a writer that raises skips its barrier: its exit ends the others' wait with an error
+        if self.writes:
+            self._barrier(group, wait_s, what)
+
+    def leave(self) -> None:
+        """Leaves the group when every process is done: one that tears its connections down while
+        another still uses them (the writer saving the last checkpoint) can abort gloo."""
+        self._collective("the end of the run", torch.distributed.barrier)
+        torch.distributed.destroy_process_group()
+
+    def _barrier(self, group, wait_s: float | None, what: str) -> None:
+        limit = "the collective timeout" if wait_s is None else f"{wait_s:.0f} s"
+        self._collective(f"the wait for {what} (at most {limit})", torch.distributed.barrier, group=group)
+
+    def _collective(self, what: str, call, *args, **kwargs) -> None:
+        """``call`` (a torch.distributed collective), its failure said plainly: gloo and NCCL raise a
+        RuntimeError from deep inside when another process is gone."""
+        try:
+            call(*args, **kwargs)
+        except RuntimeError as error:
+            detail = next((line.strip() for line in str(error).splitlines() if line.strip()), "no detail")
+            raise ProcessesStopped(
+                f"Process {self.rank} of {self.count}: {what} failed because another process of this run ended or "
+                f"stopped answering ({type(error).__name__}: {detail[:300]}). See that process's own error.") from None
 
     def share(self, values: Sequence) -> list:
         """This process's contiguous part of a global batch whose size is a multiple of ``count``."""
@@ -47,7 +88,8 @@ class Processes:
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` summed over the processes, in place."""
         if self.count > 1:
-            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+            self._collective("a sum over the processes", torch.distributed.all_reduce, tensor,
+                             op=torch.distributed.ReduceOp.SUM)
         return tensor
 
     def sum_gradients(self, parameters: Iterable[torch.nn.Parameter]) -> None:
@@ -65,5 +107,6 @@ class Processes:
         if self.count == 1:
             return flag
         value = torch.tensor([1.0 if flag else 0.0], device=device)
-        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        self._collective("the check for a stop", torch.distributed.all_reduce, value,
+                         op=torch.distributed.ReduceOp.MAX)
         return bool(value.item())

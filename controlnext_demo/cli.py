@@ -66,6 +66,9 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true",
                         help="every piece trained a few steps: a smoke run of the command (the picture shows no "
                              "control)")
+    parser.add_argument("--train-only", action="store_true",
+                        help="only train the toy world and its ControlNeXt into --cache (or find them there) and print "
+                             "the folder: a later run, or the tests, then start at once")
     return parser.parse_args(argv)
 
 
@@ -73,6 +76,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # Train ControlNeXt's progress lines
     comfyui = comfy_library.use_comfyui(args.comfyui)
+    if args.train_only:
+        print(toy.trained_toy_world(args.cache, "quick" if args.quick else "demo"))
+        return 0
     base_directory = os.path.abspath(args.base_directory or comfyui)
     if not args.server and not loads_this_pack(base_directory):
         raise SystemExit(f"The ComfyUI in {base_directory} does not load this pack: its custom_nodes folder has no "

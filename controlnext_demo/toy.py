@@ -9,6 +9,7 @@ Needs ComfyUI on sys.path (controlnext_testbed.comfy_library.use_comfyui).
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -27,9 +28,11 @@ REPORT_FILE = "trained.json"
 # Apply ControlNeXt's strength in the template and in the training's measurement: at the strength it
 # is trained with, 1, this toy's control moves the samples too little to see.
 STRENGTH = 2.0
-# What the world depends on (with its settings), and what the trained ControlNeXt depends on.
-WORLD_SOURCES = ("controlnext_testbed/toy_shapes.py", "controlnext_testbed/toy_world.py", "controlnext_core")
-TRAINING_SOURCES = ("controlnext_demo/toy.py", *WORLD_SOURCES, "nodes")
+# What the world depends on (with its settings: its pictures, canny and the DDPM noising of
+# controlnext_core.train), and what the trained ControlNeXt depends on (the whole pack).
+WORLD_SOURCES = ("controlnext_testbed/toy_shapes.py", "controlnext_testbed/toy_world.py",
+                 "controlnext_core/preprocess", "controlnext_core/train.py")
+TRAINING_SOURCES = ("controlnext_demo/toy.py", *WORLD_SOURCES, "controlnext_core", "nodes")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,20 +79,37 @@ def trained_toy_world(cache: str, preset: str) -> str:
     """The folder holding the toy base (BASE_FILE), the trained ControlNeXt (RELEASE_FOLDER) and what
     its training measured (REPORT_FILE); trained into ``cache`` the first time."""
     folder = cache_folder(cache, preset)
-    if not os.path.exists(os.path.join(folder, REPORT_FILE)):
+
+    def make(staged: str) -> None:
         print(f"training the toy world's ControlNeXt into {folder} (once)", file=sys.stderr)
-        world = built_world(cache, PRESETS[preset].world)
-        made_whole(folder, lambda staged: train(PRESETS[preset], world, staged))
+        train(PRESETS[preset], built_world(cache, PRESETS[preset].world), staged)
+
+    made_once(folder, REPORT_FILE, make)
     return folder
 
 
 def built_world(cache: str, world: toy_world.World) -> str:
     """The folder of the toy world (toy_world.build_world), built into ``cache`` the first time."""
     folder = os.path.join(cache, f"toy-world-{digest(WORLD_SOURCES, repr(world))}")
-    if not os.path.exists(os.path.join(folder, toy_world.SUMMARY_FILE)):
-        print(f"building the toy world into {folder} (once: the demo's takes about 17 minutes of CPU time)", file=sys.stderr)
-        made_whole(folder, lambda staged: toy_world.build_world(world, staged))
+
+    def make(staged: str) -> None:
+        print(f"building the toy world into {folder} (once: the demo's takes about 17 minutes of CPU time)",
+              file=sys.stderr)
+        toy_world.build_world(world, staged)
+
+    made_once(folder, toy_world.SUMMARY_FILE, make)
     return folder
+
+
+def made_once(folder: str, marker: str, make) -> None:
+    """``folder`` made by ``made_whole`` unless it holds ``marker``; a second process asking for the
+    same folder meanwhile (CI's early start, the other host's tests) waits for the first instead of
+    making it too."""
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    with open(f"{folder}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when this process ends, however it ends
+        if not os.path.exists(os.path.join(folder, marker)):
+            made_whole(folder, make)
 
 
 def made_whole(folder: str, make) -> None:

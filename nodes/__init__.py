@@ -9,6 +9,7 @@ from .loaders import LoadControlNeXt, LoadControlNeXtUNetWeights
 from .preprocessors import PREPROCESSOR_NODES
 from .schedule import SCHEDULE_NODES
 from .train import TRAIN_NODES
+from .train_launch import TRAIN_LAUNCH_NODES
 from .video import AlignPoses, ApplyControlNeXtSVD, ControlNeXtSVDWindowGuider, LoadControlNeXtSVD
 
 
@@ -16,7 +17,7 @@ class ControlNeXtExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [LoadControlNeXt, ApplyControlNeXt, LoadControlNeXtUNetWeights,
                 LoadControlNeXtSVD, ApplyControlNeXtSVD, ControlNeXtSVDWindowGuider, AlignPoses,
-                *SCHEDULE_NODES, *PREPROCESSOR_NODES, *TRAIN_NODES, *DEMO_NODES]
+                *SCHEDULE_NODES, *PREPROCESSOR_NODES, *TRAIN_NODES, *TRAIN_LAUNCH_NODES, *DEMO_NODES]
 
 
 def comfy_entrypoint() -> ControlNeXtExtension:

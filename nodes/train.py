@@ -47,6 +47,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OFFICIAL = "official"  # the optimizer choice that takes the whole official recipe
 RESUME_CHOICES = ("no", "latest", "latest, new settings")
 CHECKPOINTS_KEPT = 3
+CACHE_WAIT_S = 24 * 3600.0  # how long the other processes wait for the one building the cache
 
 
 class TrainedControlNeXt(ControlNeXtFile):
@@ -244,7 +245,7 @@ def training_family(model) -> str:
     family = model_family(model.model)
     if family not in ("sd15", "sdxl"):
         raise ControlNeXtError(
-            f"Train ControlNeXt trains on SD1.5 and SDXL models (the official training code covers those two); "
+            f"Train ControlNeXt trains on SD1.5 and SDXL models (the official SD1.5 and SDXL training code); "
             f"this is a {model_type_name(model.model)} model.")
     return family
 
@@ -417,14 +418,7 @@ class TrainControlNeXt(io.ComfyNode):
             return f"resume '{resume}' is not one of {', '.join(RESUME_CHOICES)}."
         if not checkpoint_name.strip():
             return True
-        try:
-            folder = release_folder(checkpoint_name)
-        except ControlNeXtError as error:
-            return str(error)
-        if resume == RESUME_CHOICES[0] and checkpoint_folders(os.path.join(folder, "checkpoints")):
-            return (f"models/controlnext/{checkpoint_name.strip()} already has checkpoints of a run: set resume to "
-                    f"latest to continue it, or choose another checkpoint_name.")
-        return True
+        return release_for_run_problem(checkpoint_name, resume, "checkpoint_name") or True
 
     @classmethod
     def execute(cls, model, steps: int, batch_size: int, encoder_lr: float, unet_lr: float, train_unet: str,
@@ -447,10 +441,18 @@ def train_controlnext(model, steps: int, batch_size: int, encoder_lr: float, une
                       gradient_accumulation_steps: int = 1, checkpoint_name: str = "", checkpoint_every: int = 100,
                       resume: str = RESUME_CHOICES[0], validation_images=None, validation_positive=None,
                       validation_negative=None, validation_every: int = 100, node_id=None,
-                      base_model: str = "") -> io.NodeOutput:
+                      base_model: str = "", release: str = "", checkpoints_kept: int = CHECKPOINTS_KEPT,
+                      validation_folder: str = "", cache_wait_s: float = CACHE_WAIT_S,
+                      hooks_class: type[ComfyHooks] | None = None) -> io.NodeOutput:
     """Train ControlNeXt's work, for the node and the headless command (controlnext_train): the inputs
     checked, the pictures read (encoded into their cache first for ``data``), the loop run over the
-    processes this one was started with (one in a ComfyUI server)."""
+    processes this one was started with (one in a ComfyUI server).
+
+    The node names its release by ``checkpoint_name`` (under models/controlnext) and samples into
+    output/controlnext_validation; the command gives folders (``release``, ``validation_folder``).
+    ``resume`` may also be a checkpoint folder. The processes that do not build the cache wait for it
+    up to ``cache_wait_s``. ``hooks_class``: the command's own Cancel and progress (ComfyHooks: the
+    server's)."""
     family = training_family(model)
     if proportion_empty_prompts > 0 and clip is None:
         raise ControlNeXtError("proportion_empty_prompts is above 0: connect the checkpoint's CLIP to the clip "
@@ -467,7 +469,7 @@ def train_controlnext(model, steps: int, batch_size: int, encoder_lr: float, une
             raise ControlNeXtError("Training from data encodes its pictures and captions: connect the "
                                    "checkpoint's VAE to vae and its CLIP to clip.")
         check_conditioning(model, family, encode_text(clip, ""), "conditioning of this CLIP")
-        with Processes.joined().writer_first():  # one process builds the shared cache, the others then read it
+        with Processes.joined().writer_first(cache_wait_s, f"the training cache of {len(data.items)} pairs"):
             pictures, data_note = cached_pictures(data, model, vae, clip, family, node_id, device)
     else:
         if latents is None or positive is None or control_images is None:
@@ -492,19 +494,21 @@ def train_controlnext(model, steps: int, batch_size: int, encoder_lr: float, une
     with torch.inference_mode(False):  # weights that can be trained (nodes run under inference mode)
         encoder = new_encoder(settings.seed) if controlnext is None else trainable_copy(controlnext.encoder)
     base_model = base_model or model_type_name(model.model)
-    plan = CheckpointPlan(checkpoint_name, checkpoint_every, resume,
-                          {"base_model": base_model, "data": pictures.digest}, base_model,
-                          diffusers_names(model)) if checkpoint_name.strip() else None
+    release = release or (release_folder(checkpoint_name) if checkpoint_name.strip() else "")
+    plan = CheckpointPlan(release, checkpoint_every, resume, {"base_model": base_model, "data": pictures.digest},
+                          base_model, diffusers_names(model), checkpoints_kept) if release else None
     validation = None
     if validation_images is not None:
         if validation_positive is None or vae is None:
             raise ControlNeXtError("Validation samples need validation_positive (their prompt) and the "
                                    "checkpoint's VAE (to decode them).")
+        label = checkpoint_name.strip() or os.path.basename(release) or f"run-{node_id or 'local'}"
         validation = ValidationPlan(model, family, vae, validation_images, validation_positive,
-                                    validation_negative, validation_every, seed,
-                                    checkpoint_name.strip() or f"run-{node_id or 'local'}")
+                                    validation_negative, validation_every, seed, label,
+                                    validation_folder or os.path.join(folder_paths.get_output_directory(),
+                                                                      "controlnext_validation", label))
     run = train(model, family, pictures, empty, settings, encoder, gradient_checkpointing,
-                _autocast_dtype(precision, model), alphas_cumprod, node_id, plan, validation)
+                _autocast_dtype(precision, model), alphas_cumprod, node_id, plan, validation, hooks_class or ComfyHooks)
     name = f"trained ControlNeXt ({family}, {run.trainer.steps_done} steps)"
     file_weights = release_file_weights(run.unet_file_weights, diffusers_names(model))
     metadata = release_metadata(family, settings.control_scale, run.trainer.steps_done, base_model)
@@ -526,17 +530,20 @@ def train_controlnext(model, steps: int, batch_size: int, encoder_lr: float, une
 class CheckpointPlan:
     """Where and how often a run writes its checkpoints and refreshes its release, and how it starts."""
 
-    def __init__(self, name: str, every: int, resume: str, identity: dict[str, str], base_model: str,
-                 diffusers: dict[str, str]):
-        self.folder = release_folder(name)
+    def __init__(self, folder: str, every: int, resume: str, identity: dict[str, str], base_model: str,
+                 diffusers: dict[str, str], keep: int = CHECKPOINTS_KEPT):
+        self.folder = folder
         self.root = os.path.join(self.folder, "checkpoints")
-        self.every, self.resume, self.identity = every, resume, identity
+        self.every, self.resume, self.identity, self.keep = every, resume, identity, keep
         self.base_model, self.diffusers = base_model, diffusers
 
     def start(self, trainer: Trainer) -> str:
-        """Resumes the latest checkpoint where asked; returns what was done, in words."""
+        """Resumes the latest checkpoint, or the checkpoint folder ``resume`` names, where asked;
+        returns what was done, in words."""
         if self.resume == RESUME_CHOICES[0]:
             return ""
+        if self.resume not in RESUME_CHOICES:
+            return resume(self.resume, trainer, self.identity)
         latest = latest_checkpoint(self.root)
         if latest is None:
             return f"No checkpoint in {self.root} yet: started a new run."
@@ -544,7 +551,7 @@ class CheckpointPlan:
 
     def write(self, trainer: Trainer, base_weights: dict[str, torch.Tensor]) -> str:
         """A checkpoint, then the release files refreshed with the same weights."""
-        folder = save_checkpoint(self.root, trainer, self.identity, keep=CHECKPOINTS_KEPT)
+        folder = save_checkpoint(self.root, trainer, self.identity, keep=self.keep)
         settings = trainer.settings
         unet_file = release_file_weights(release_unet_weights(trainer.trained_unet(), base_weights, settings.family),
                                          self.diffusers)
@@ -569,7 +576,7 @@ class ValidationPlan:
     training changed."""
 
     def __init__(self, model, family: str, vae, images: torch.Tensor, positive: list, negative: list | None,
-                 every: int, seed: int, label: str):
+                 every: int, seed: int, label: str, folder: str):
         self.model, self.family, self.vae, self.every = model, family, vae, every
         self.controls = control_image_from_comfy(images)
         self.positive, self.negative = positive, negative if negative is not None else positive
@@ -577,8 +584,7 @@ class ValidationPlan:
         count, height, width = images.shape[0], images.shape[1] // LATENT_SCALE, images.shape[2] // LATENT_SCALE
         self.seed = seed
         self.noise = torch.randn((count, 4, height, width), generator=torch.Generator().manual_seed(seed))
-        self.folder = os.path.join(folder_paths.get_output_directory(), "controlnext_validation", label)
-        self.label = label
+        self.folder, self.label = folder, label
         self.rounds: list[tuple[int, torch.Tensor]] = []
         self.seconds = 0.0
 
@@ -676,7 +682,8 @@ class ComfyHooks(LoopHooks):
 
 def train(model, family: str, pictures, empty: list | None, settings: TrainingSettings, encoder,
           use_checkpointing: bool, autocast_dtype, alphas_cumprod: torch.Tensor | None, node_id,
-          plan: CheckpointPlan | None = None, validation: ValidationPlan | None = None) -> TrainingRun:
+          plan: CheckpointPlan | None = None, validation: ValidationPlan | None = None,
+          hooks_class: type[ComfyHooks] = ComfyHooks) -> TrainingRun:
     """The core loop (controlnext_core.training_loop) on the MODEL's clone, loaded by ComfyUI."""
     device = comfy.model_management.get_torch_device()
     with torch.inference_mode(False):
@@ -690,7 +697,7 @@ def train(model, family: str, pictures, empty: list | None, settings: TrainingSe
             started = plan.start(trainer) if plan else ""
             scaler = (torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 and device.type == "cuda"
                       else None)
-            hooks = ComfyHooks(node_id, settings.steps, base_weights, denoiser, plan, validation)
+            hooks = hooks_class(node_id, settings.steps, base_weights, denoiser, plan, validation)
             message = run_training(trainer, denoiser, pictures, hooks, empty, autocast_dtype, scaler)
             file_weights = release_unet_weights(trainer.trained_unet(), base_weights, family)
     return TrainingRun(trainer, file_weights, " ".join(part for part in (started, message) if part))
@@ -711,6 +718,19 @@ def release_folder(name: str) -> str:
     if not clean or os.path.isabs(clean) or ".." in clean.replace("\\", "/").split("/"):
         raise ControlNeXtError(f"'{name}' is not a folder name: use letters, digits and - _ (sub/folders allowed).")
     return os.path.join(folder_paths.get_folder_paths(FOLDER)[0], clean)
+
+
+def release_for_run_problem(name: str, resume: str, field: str) -> str | None:
+    """Why a run cannot write into models/controlnext/<name> (checked when the prompt is queued): a
+    name that is no folder name, or a new run into another run's checkpoints."""
+    try:
+        folder = release_folder(name)
+    except ControlNeXtError as error:
+        return str(error)
+    if resume == RESUME_CHOICES[0] and checkpoint_folders(os.path.join(folder, "checkpoints")):
+        return (f"models/controlnext/{name.strip()} already has checkpoints of a run: set resume to latest to "
+                f"continue it, or choose another {field}.")
+    return None
 
 
 def release_name_is_free(name: str, overwrite: bool, own_release: str = "") -> None:

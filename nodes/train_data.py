@@ -58,6 +58,9 @@ class TrainingData:
     items: tuple[TrainingItem, ...]
     resolution: int
     make_controls: str
+    reading: tuple[tuple[str, str], ...] = ()
+    """How the folder was read (layout, columns...), by the headless command's flag names: a
+    multi-process run reads it again the same way."""
 
 
 class LoadTrainingData(io.ComfyNode):
@@ -105,19 +108,33 @@ class LoadTrainingData(io.ComfyNode):
     def execute(cls, folder: str, layout: str, resolution: int, control_folder: str, caption_extension: str,
                 default_caption: str, make_controls: str, image_column: str, conditioning_image_column: str,
                 caption_column: str) -> io.NodeOutput:
-        if resolution % LATENT_SCALE:
-            raise ControlNeXtError(f"resolution {resolution} is not a multiple of 8.")
-        root = input_subfolder(folder)
-        items = read_items(root, layout, control_folder=control_folder, caption_extension=caption_extension,
-                           default_caption=default_caption, image_column=image_column,
-                           conditioning_image_column=conditioning_image_column, caption_column=caption_column)
-        without = sum(item.control is None for item in items)
-        if without and make_controls == "none":
-            raise ControlNeXtError(f"'{folder}' holds pictures without controls ({without} of {len(items)}): set "
-                                   f"make_controls to make them, or add a '{control_folder}' folder of controls.")
-        text = f"{len(items)} pairs in {folder}" + (f", controls made by {make_controls}" if without else "")
-        return io.NodeOutput(TrainingData(root, tuple(items), resolution, make_controls if without else "none"),
-                             len(items), ui={"controlnext_info": [text]})
+        data, text = training_data(input_subfolder(folder), folder, layout, resolution, control_folder,
+                                   caption_extension, default_caption, make_controls, image_column,
+                                   conditioning_image_column, caption_column)
+        return io.NodeOutput(data, len(data.items), ui={"controlnext_info": [text]})
+
+
+def training_data(root: str, label: str, layout: str, resolution: int, control_folder: str, caption_extension: str,
+                  default_caption: str, make_controls: str, image_column: str, conditioning_image_column: str,
+                  caption_column: str) -> tuple[TrainingData, str]:
+    """A folder's pairs read and checked (Load Training Data, and the headless command's flags), and
+    what was found, in words."""
+    if resolution % LATENT_SCALE:
+        raise ControlNeXtError(f"resolution {resolution} is not a multiple of 8.")
+    if make_controls not in CONTROL_MAKERS:
+        raise ControlNeXtError(f"make_controls '{make_controls}' is not one of {', '.join(CONTROL_MAKERS)}.")
+    items = read_items(root, layout, control_folder=control_folder, caption_extension=caption_extension,
+                       default_caption=default_caption, image_column=image_column,
+                       conditioning_image_column=conditioning_image_column, caption_column=caption_column)
+    without = sum(item.control is None for item in items)
+    if without and make_controls == "none":
+        raise ControlNeXtError(f"'{label}' holds pictures without controls ({without} of {len(items)}): set "
+                               f"make_controls to make them, or add a '{control_folder}' folder of controls.")
+    text = f"{len(items)} pairs in {label}" + (f", controls made by {make_controls}" if without else "")
+    reading = (("layout", layout), ("control_folder", control_folder), ("caption_extension", caption_extension),
+               ("default_caption", default_caption), ("make_controls", make_controls), ("image_column", image_column),
+               ("conditioning_image_column", conditioning_image_column), ("caption_column", caption_column))
+    return TrainingData(root, tuple(items), resolution, make_controls if without else "none", reading), text
 
 
 class InMemoryPictures:

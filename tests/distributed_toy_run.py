@@ -56,9 +56,9 @@ def toy_run(steps: int, batch_size: int, processes: Processes, hooks: LoopHooks 
     trainer = train.Trainer(train.new_encoder(0), toy.unet_weights(), settings(steps, batch_size, accumulation),
                             processes=processes)
     toy.trainer = trainer
-    if resume_from:
-        checkpoints.resume(resume_from, trainer, {"data": "shapes"})
-    return trainer, run_training(trainer, toy, ToySource(latents, controls), hooks)
+    started = checkpoints.resume(resume_from, trainer, {"data": "shapes"}) if resume_from else ""
+    message = run_training(trainer, toy, ToySource(latents, controls), hooks)
+    return trainer, " ".join(part for part in (started, message) if part)
 
 
 def trained_state(trainer: train.Trainer) -> dict[str, torch.Tensor]:
@@ -83,7 +83,7 @@ def main() -> None:
         torch.distributed.init_process_group("gloo")
     processes = Processes.joined()
     if args.shared_file:
-        with processes.writer_first():
+        with processes.writer_first(60.0, "the shared file"):
             if not os.path.exists(args.shared_file):
                 with open(args.shared_file, "w") as file:
                     file.write(f"made by rank {processes.rank}")
@@ -95,7 +95,7 @@ def main() -> None:
             json.dump({"losses": trainer.losses, "steps_done": trainer.steps_done, "message": message,
                        "processes": processes.count}, file)
     if processes.count > 1:
-        torch.distributed.destroy_process_group()
+        processes.leave()
 
 
 if __name__ == "__main__":

@@ -350,7 +350,9 @@ def test_a_checkpoint_of_another_family_and_settings_is_refused_naming_each_diff
         checkpoints.resume(folder, sd15, {"base_model": "v1-5-pruned-emaonly.safetensors"})
     lines = str(raised.value).splitlines()
     assert lines[0] == f"The checkpoint {folder} was written by another run:"
-    for difference in ("family: 'sdxl' in the checkpoint, 'sd15' now", "batch_size: 2 in the checkpoint, 3 now",
+    assert any(line.startswith("- the global batch (batch_size x gradient_accumulation_steps x processes): 2 (2 x 1 x 1) "
+                               "in the checkpoint, 3 (3 x 1 x 1) now") for line in lines), lines
+    for difference in ("family: 'sdxl' in the checkpoint, 'sd15' now",
                        "encoder_lr: 0.001 in the checkpoint, 0.002 now", "seed: 0 in the checkpoint, 5 now",
                        "optimizer: 'adamw' in the checkpoint, 'adafactor' now",
                        "base_model: 'sd_xl_base_1.0.safetensors' in the checkpoint, "

@@ -389,7 +389,7 @@ def test_checkpoints_resume_to_the_files_of_an_uninterrupted_run(models_folder):
     first = run_train("sd15", checkpoint_name="resumed", **{**settings, "steps": 7})
     assert sorted(os.listdir(models_folder / "resumed" / "checkpoints")) == ["step-5", "step-7"]
     assert "Checkpoint:" in first.ui["controlnext_info"][0]
-    with pytest.raises(host.core.ControlNeXtError, match="batch_size: 3 in the checkpoint, 2 now"):
+    with pytest.raises(host.core.ControlNeXtError, match=r"global batch .*: 3 \(3 x 1 x 1\) in the checkpoint, 2 \(2 x 1 x 1\) now"):
         run_train("sd15", checkpoint_name="resumed", resume="latest", **{**settings, "batch_size": 2})
     assert "already has checkpoints" in Train.validate_inputs("resumed", "no")
     resumed = run_train("sd15", checkpoint_name="resumed", resume="latest", **settings)

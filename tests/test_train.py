@@ -90,8 +90,11 @@ def test_recipes_resolve_and_bad_settings_are_named():
     sdxl = train.TrainingSettings(family="sdxl", steps=5).resolved()
     assert (sdxl.optimizer, sdxl.unet_lr, sdxl.encoder_lr, sdxl.max_grad_norm, sdxl.warmup_steps) == \
         ("adafactor", 1e-5, 1e-4, 1.0, 500)
-    with pytest.raises(cn.ControlNeXtError, match="trains SD1.5 and SDXL"):
-        train.TrainingSettings(family="svd", steps=5).resolved()
+    svd = train.TrainingSettings(family="svd", steps=5).resolved()  # SVD-v2's official recipe
+    assert (svd.optimizer, svd.unet_lr, svd.encoder_lr, svd.max_grad_norm, svd.warmup_steps) == \
+        ("adamw", 1e-5, 1e-5, 1.0, 0)
+    with pytest.raises(cn.ControlNeXtError, match="trains SD1.5, SDXL and SVD"):
+        train.TrainingSettings(family="flux", steps=5).resolved()
     with pytest.raises(cn.ControlNeXtError, match="steps is 0"):
         train.TrainingSettings(family="sd15", steps=0).resolved()
     with pytest.raises(cn.ControlNeXtError, match="proportion_empty_prompts"):
@@ -271,8 +274,8 @@ def test_a_checkpoint_of_another_run_is_refused_naming_each_difference(tmp_path)
     _, other = trainer_for(batch_size=3, encoder_lr=1e-3, steps=50)  # steps may grow: not a difference
     with pytest.raises(cn.ControlNeXtError) as error:
         checkpoints.resume(folder, other, {"data": "b"})
-    assert "batch_size: 2 in the checkpoint, 3 now" in str(error.value)
-    assert "data: 'a' in the checkpoint, 'b' now" in str(error.value) and "steps" not in str(error.value)
+    assert "2 (2 x 1 x 1) in the checkpoint, 3 (3 x 1 x 1) now" in str(error.value)
+    assert "data: 'a' in the checkpoint, 'b' now" in str(error.value) and "steps:" not in str(error.value)
     message = checkpoints.resume(folder, other, {"data": "b"}, new_settings=True)
     assert "new settings" in message and other.steps_done == 0
     assert torch.equal(other.unet_parameters[ToyDenoiser.WEIGHT], trainer.unet_parameters[ToyDenoiser.WEIGHT])

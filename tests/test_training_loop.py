@@ -154,5 +154,10 @@ def test_a_stop_in_one_process_stops_both_and_the_checkpoint_resumes_the_two_pro
     resumed = torchrun(tmp_path / "resumed", "--steps", "8", "--batch-size", "2", "--resume", str(root / "step-5"))
     assert resumed["losses"] == straight["losses"]
     assert all(torch.equal(value, straight["weights"][name]) for name, value in resumed["weights"].items())
-    with pytest.raises(cn.ControlNeXtError, match="processes: 2 in the checkpoint, 1 now"):
+    with pytest.raises(cn.ControlNeXtError, match=r"global batch .*: 4 \(2 x 1 x 2\) in the checkpoint, 2 \(2 x 1 x 1\)"):
         toy_run(8, 2, Processes(), resume_from=str(root / "step-5"))
+    # one process with the whole global batch continues the same run (fp32 sums in another order)
+    alone, message = toy_run(8, 4, Processes(), resume_from=str(root / "step-5"))
+    assert "global batch split anew: 4 (4 x 1 x 1)" in message
+    assert alone.losses == pytest.approx(straight["losses"], rel=1e-6)
+    assert close(trained_state(alone), straight["weights"], 1e-5)

@@ -22,6 +22,7 @@ import comfy.taesd.taesd
 import comfy.model_management
 import comfy.model_patcher
 
+from controlnext_testbed.checkpoint_files import randomise  # noqa: F401  (tests import it from here too)
 from controlnext_testbed.tiny_unet import MODEL_CONFIG_CLASSES, UNET_CONFIGS
 
 # The official base checkpoint names the workflows use, and the family each stands for.
@@ -41,20 +42,6 @@ CONTEXT_DIMS = {"sd15": 64, "sdxl": 32 + 1280, "svd": 64}
 TINY_CLIP_VISION = dict(hidden_act="gelu", hidden_size=32, image_size=224, intermediate_size=64,
                         layer_norm_eps=1e-5, model_type="clip_vision_model", num_attention_heads=2,
                         num_channels=3, num_hidden_layers=2, patch_size=14, projection_dim=CONTEXT_DIMS["svd"])
-
-
-def randomise(module: torch.nn.Module, seed: int) -> None:
-    """ComfyUI allocates weights without initialising them: give every one a seeded value
-    (in place: these modules hold a few hundred million weights)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if param.ndim >= 2:
-                param.normal_(0.0, 1.0 / max(1.0, param[0].numel()) ** 0.5, generator=generator)
-            elif name.endswith("weight"):
-                param.normal_(1.0, 0.1, generator=generator)
-            else:
-                param.normal_(0.0, 0.1, generator=generator)
 
 
 @functools.lru_cache(maxsize=None)

@@ -51,6 +51,9 @@ RECIPES = {
     "sd15": Recipe(r"to_out", "adamw", 5e-6, 5e-5, None, 0),
     # SDXL: Adafactor, cross-attention outputs only, clipping at 1.0, 500 warm-up steps.
     "sdxl": Recipe(r"attn2.*to_out", "adafactor", 1e-5, 1e-4, 1.0, 500),
+    # SVD-v2 (controlnext_core.video_train.VideoRecipe): AdamW at 1e-5 for the encoder and every UNet
+    # weight, clipping at 1.0 (its DeepSpeed config), no warm-up in effect.
+    "svd": Recipe(r".", "adamw", 1e-5, 1e-5, 1.0, 0),
 }
 # The empty prompt each script uses for ``proportion_empty_prompts``.
 EMPTY_PROMPT = {"sd15": "PBH", "sdxl": ""}
@@ -72,12 +75,13 @@ class TrainingSettings:
     prediction: str = "epsilon"
     proportion_empty_prompts: float = 0.0
     seed: int = 0
+    unet_pattern: str | None = None  # the trained UNet weights (re.search); None: the recipe's
 
     def resolved(self) -> "TrainingSettings":
         """The settings with every None filled from the family's official recipe, checked."""
         if self.family not in RECIPES:
             raise ControlNeXtError(
-                f"ControlNeXt trains SD1.5 and SDXL models (the official training code covers those two); "
+                f"ControlNeXt trains SD1.5, SDXL and SVD (v2) models, as the official training code does; "
                 f"this is a {families.FAMILY_NAMES.get(self.family, self.family)} model.")
         recipe = RECIPES[self.family]
         settings = replace(
@@ -108,10 +112,10 @@ class TrainingSettings:
         return settings
 
 
-def trainable_unet_names(names: Iterable[str], family: str) -> list[str]:
+def trainable_unet_names(names: Iterable[str], family: str, pattern: str | None = None) -> list[str]:
     """The UNet parameters the family's official script trains (SD1.5: every ``to_out``;
-    SDXL: ``attn2 ... to_out``), in the given order."""
-    pattern = re.compile(RECIPES[family].unet_pattern)
+    SDXL: ``attn2 ... to_out``; SVD-v2: all), or those ``pattern`` finds, in the given order."""
+    pattern = re.compile(pattern or RECIPES[family].unet_pattern)
     return [name for name in names if pattern.search(name)]
 
 
@@ -275,7 +279,8 @@ class Trainer:
         self.rule = families.rule_for(self.settings.family, TRAIN_LAYOUT)
         self.device = torch.device(device)
         self.encoder = encoder.to(device=self.device, dtype=torch.float32).train().requires_grad_(True)
-        names = trainable_unet_names(unet_weights, self.settings.family) if self.settings.train_unet else []
+        names = (trainable_unet_names(unet_weights, self.settings.family, self.settings.unet_pattern)
+                 if self.settings.train_unet else [])
         # fp32 masters of the trained UNet weights; the frozen UNet itself is not copied
         self.unet_parameters = {name: torch.nn.Parameter(unet_weights[name].detach().to(self.device, torch.float32,
                                                                                         copy=True))
@@ -326,7 +331,7 @@ class Trainer:
         as one batch of that size draws them). Over several processes each passes its share of the
         global batch; the gradients and the loss are summed over them. Raises TrainingDiverged
         (weights untouched) on a non-finite loss or gradient."""
-        parts = self._with_draws([batch] if isinstance(batch, TrainingBatch) else list(batch))
+        parts = self._with_draws(list(batch) if isinstance(batch, (list, tuple)) else [batch])
         total = sum(part.latents.shape[0] for part in parts) * self.processes.count
         self.optimizer.zero_grad(set_to_none=True)
         loss = torch.zeros((), device=self.device)

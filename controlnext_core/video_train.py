@@ -52,6 +52,9 @@ class VideoRecipe:
 
 OFFICIAL_VIDEO_RECIPE = VideoRecipe()
 SELECTIVE_UNET_PATTERN = r"to_out|to_v"  # the script's commented alternative to training every weight
+# The trained UNet weights to choose from (re.search patterns; None: the encoder alone): the script's
+# default, its selective branch, and no UNet weight.
+VIDEO_TRAINED_SETS = {"all": ".", "attention outputs and values": SELECTIVE_UNET_PATTERN, "encoder only": None}
 
 
 def stratified_uniform(count: int, generator: torch.Generator, device=None, dtype=torch.float32) -> torch.Tensor:

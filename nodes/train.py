@@ -100,11 +100,35 @@ def computed_from_a_copy(weight: torch.Tensor) -> torch.Tensor:
     return weight
 
 
+class MasteredModule(torch.nn.Module):
+    """An object patch for a UNet module whose parameters ComfyUI's weight wrappers cannot reach (SVD's
+    AlphaBlender mix factors): each call runs the module with the trainer's master of a trained
+    parameter, and with a plain copy of a frozen one loaded under inference mode (which autograd could
+    not keep). It shares the module's parameter table, so the parameters keep their names and
+    ComfyUI's weight patches (a merge, a LoRA) still find them."""
+
+    def __init__(self, module: torch.nn.Module, masters: dict[str, torch.nn.Parameter], names: dict[str, str]):
+        super().__init__()
+        object.__setattr__(self, "original", module)  # not a submodule: its parameters are listed once
+        self._parameters = module._parameters
+        self.masters, self.names = masters, names  # parameter kind -> its name in the UNet
+
+    def forward(self, *args, **kwargs):
+        values = {}
+        for kind, name in self.names.items():
+            own = self._parameters[kind]
+            if name in self.masters:
+                values[kind] = self.masters[name].to(own.dtype)
+            elif own.is_inference():
+                values[kind] = own.clone()
+        return torch.func.functional_call(self.original, values, args, kwargs)
+
+
 class ComfyDenoiser:
     """The MODEL's UNet as ``controlnext_core.train.Denoiser``: raw DDPM inputs and integer timesteps
     (as the official scripts feed diffusers' UNet). It works on a clone of the MODEL: the training
-    patch and the weight wrappers live on the clone's ModelPatcher, which ComfyUI loads (making room
-    for it) and unloads, so the MODEL given is never changed."""
+    patch, the weight wrappers and the object patches live on the clone's ModelPatcher, which ComfyUI
+    loads (making room for it) and unloads, so the MODEL given is never changed."""
 
     def __init__(self, model, family: str, trained_names: list[str]):
         self.patcher = model.clone()
@@ -112,16 +136,21 @@ class ComfyDenoiser:
         self.patch = TrainingPatch(injection_block(rule, list(model.model.diffusion_model.num_res_blocks)))
         self.patcher.set_model_patch(self.patch, PATCH_KIND[self.patch.block[0]])
         self.masters: dict[str, torch.nn.Parameter] = {}
-        for name in trained_names:
-            self.patcher.add_weight_wrapper(f"diffusion_model.{name}", MasterWeight(self.masters, name))
         trained, layers = set(trained_names), dict(model.model.diffusion_model.named_modules())
+        unreachable: dict[str, dict[str, str]] = {}  # layer -> {parameter kind: name}, outside ComfyUI's ops
         for name, tensor in model.model.diffusion_model.named_parameters():
             layer_name, kind = name.rsplit(".", 1)
-            if (tensor.is_inference() or name in trained) and not hasattr(layers[layer_name], f"{kind}_function"):
-                raise ControlNeXtError(f"The UNet layer '{layer_name}' is not one of ComfyUI's layers, so it cannot "
-                                       f"be trained through; load the model with a ComfyUI loader.")
-            if tensor.is_inference() and name not in trained:
+            if not (tensor.is_inference() or name in trained):
+                continue
+            if not hasattr(layers[layer_name], f"{kind}_function"):
+                unreachable.setdefault(layer_name, {})[kind] = name
+            elif name in trained:
+                self.patcher.add_weight_wrapper(f"diffusion_model.{name}", MasterWeight(self.masters, name))
+            else:
                 self.patcher.add_weight_wrapper(f"diffusion_model.{name}", computed_from_a_copy)
+        for layer_name, names in unreachable.items():
+            self.patcher.add_object_patch(f"diffusion_model.{layer_name}",
+                                          MasteredModule(layers[layer_name], self.masters, names))
         self.unet = self.patcher.model.diffusion_model
         self.dtype = self.patcher.model.manual_cast_dtype or self.patcher.model.get_dtype()
 
@@ -137,8 +166,8 @@ class ComfyDenoiser:
             self.unload()
 
     def unload(self) -> None:
-        """The clone out of ComfyUI's loaded models, its weight wrappers off the shared UNet's layers:
-        nothing of the run (the trainer's masters) stays in the MODEL's modules."""
+        """The clone out of ComfyUI's loaded models (its object patches undone), its weight wrappers off
+        the shared UNet's layers: nothing of the run (the trainer's masters) stays in the MODEL's modules."""
         loaded = comfy.model_management.current_loaded_models
         for index in reversed(range(len(loaded))):
             if loaded[index].model is self.patcher:
@@ -160,15 +189,20 @@ class ComfyDenoiser:
     def train_through(self, unet_parameters: dict[str, torch.nn.Parameter]) -> None:
         self.masters.update(unet_parameters)
 
-    def __call__(self, noisy, timesteps, conditioning, inject):
-        context, y = conditioning
+    def run_unet(self, inject, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                 y: torch.Tensor | None, **kwargs) -> torch.Tensor:
+        """The UNet on the clone's transformer options, with ``inject`` at the training patch's block."""
         self.patch.inject = inject
         try:
-            return self.unet(noisy.to(self.dtype), timesteps.float(), context=context.to(noisy.device, self.dtype),
-                             y=None if y is None else y.to(noisy.device, self.dtype),
-                             transformer_options=dict(self.patcher.model_options["transformer_options"]))
+            return self.unet(x.to(self.dtype), timesteps.float(), context=context.to(x.device, self.dtype),
+                             y=None if y is None else y.to(x.device, self.dtype),
+                             transformer_options=dict(self.patcher.model_options["transformer_options"]), **kwargs)
         finally:
             self.patch.inject = None
+
+    def __call__(self, noisy, timesteps, conditioning, inject):
+        context, y = conditioning
+        return self.run_unet(inject, noisy, timesteps, context, y)
 
 
 def training_objective(model) -> tuple[str, torch.Tensor]:

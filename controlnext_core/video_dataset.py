@@ -2,22 +2,31 @@
 script reads it: a ``--meta_info_path`` JSON listing clips (a video, its pose video, a JSON of the
 detections per frame), ``sample_n_frames`` frames every ``interval_frame`` frames, the first of them
 replaced by a random reference frame (and its pose), and a hands mask drawn from the detected hand
-boxes that weights the loss (1 everywhere, 4.2 on confident hands).
+boxes that weights the loss (1 everywhere, 4.2 on confident hands); each sample cut at a random place
+to the training aspect and resized. Besides the official layout, a simple one for ComfyUI users: a
+folder per clip (``read_clip_folders``).
 """
 from __future__ import annotations
 
 import json
 import os
 from dataclasses import dataclass
+from typing import Protocol, Sequence
 
+import cv2
+import numpy as np
 import torch
+from torch.nn import functional as F
 
+from .dataset import PICTURE_SUFFIXES, _open_upright
 from .errors import ControlNeXtError
 
 HAND_SCORE_THRESHOLD, HAND_WEIGHT = 0.5, 0.8  # a hand whose keypoints average above 0.5 is drawn at 0.8
 HAND_MARGIN_PX = 10
 MASK_SCALE, MASK_BASE = 4.0, 1.0  # the loss weight: mask x 4 + 1
 RANDOM_INTERVAL = (2, 7)  # interval_frame <= 0: drawn per clip in this range
+OFFICIAL_GUIDE_SLACK = 24  # the script accepts a pose video up to 24 frames longer or shorter
+VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".avi", ".mkv", ".gif")
 
 
 @dataclass(frozen=True)
@@ -92,3 +101,182 @@ def loss_weights(masks: torch.Tensor) -> torch.Tensor:
     weights = masks * MASK_SCALE + MASK_BASE
     weights[0] = MASK_BASE
     return weights
+
+
+class FrameSource(Protocol):
+    """A clip's frames, read one at a time as [H, W, 3] uint8 RGB."""
+
+    name: str
+
+    def __len__(self) -> int: ...
+
+    def read(self, index: int) -> np.ndarray: ...
+
+
+class VideoFrames:
+    """A video file's frames, decoded with OpenCV where asked (a clip may be far longer than a sample)."""
+
+    def __init__(self, path: str):
+        self.name, self._capture = path, cv2.VideoCapture(path)
+        self._count = int(self._capture.get(cv2.CAP_PROP_FRAME_COUNT)) if self._capture.isOpened() else 0
+        if self._count <= 0:
+            raise ControlNeXtError(f"{path} cannot be read as a video (OpenCV finds no frames): give an mp4, mov, "
+                                   f"webm, avi or mkv file, or a folder of frame pictures.")
+
+    def __len__(self) -> int:
+        return self._count
+
+    def read(self, index: int) -> np.ndarray:
+        self._capture.set(cv2.CAP_PROP_POS_FRAMES, index)
+        found, frame = self._capture.read()
+        if not found:
+            raise ControlNeXtError(f"Frame {index} of {self.name} cannot be decoded (the file says it has "
+                                   f"{self._count} frames): re-encode the video, or give its frames as pictures.")
+        return cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+
+
+class PictureFrames:
+    """A folder of frame pictures, in name order."""
+
+    def __init__(self, folder: str):
+        self.name = folder
+        self._paths = [os.path.join(folder, name) for name in sorted(os.listdir(folder))
+                       if name.lower().endswith(PICTURE_SUFFIXES)]
+        if not self._paths:
+            raise ControlNeXtError(f"{folder} holds no frame pictures ({', '.join(PICTURE_SUFFIXES)}).")
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def read(self, index: int) -> np.ndarray:
+        return np.asarray(_open_upright(self._paths[index]).convert("RGB"))
+
+
+def frame_source(path: str) -> FrameSource:
+    return PictureFrames(path) if os.path.isdir(path) else VideoFrames(path)
+
+
+@dataclass
+class ClipSample:
+    """One training sample of a clip, as the official data loader gives it."""
+
+    pixels: torch.Tensor  # [F, 3, H, W] in [-1, 1]; frame 0 is the reference frame
+    poses: torch.Tensor  # [F, 3, H, W] in [0, 1]; pose 0 is the reference frame's
+    reference: torch.Tensor  # [3, H, W] in [-1, 1]
+    weights: torch.Tensor  # [F, 1, H, W]: the loss weights (``loss_weights``)
+
+
+def sample_clip(video: FrameSource, guide: FrameSource, detections: Sequence[dict] | None, frames: int,
+                interval: int, width: int, height: int, generator: torch.Generator, *,
+                guide_slack: int = 0, guide_bgr: bool = False) -> ClipSample:
+    """``frames`` frames of a clip and their poses, as the script samples them: taken every
+    ``interval`` frames from a random start, frame 0 (and its pose) replaced by a frame drawn from
+    the whole clip, hands masks from ``detections`` (one dict per frame), cut at a random place to
+    ``width`` : ``height`` and resized (bilinear, antialiased). ``guide_slack``: how many frames the
+    pose clip may differ by (the official data: 24; only frames both have are drawn); ``guide_bgr``:
+    the pose clip stores blue first, as the official pose videos do."""
+    length = min(len(video), len(guide))
+    if abs(len(video) - len(guide)) > guide_slack:
+        raise ControlNeXtError(f"The clip {video.name} has {len(video)} frames but its poses {guide.name} have "
+                               f"{len(guide)}: give one pose per frame.")
+    if detections is not None and len(detections) < length:
+        raise ControlNeXtError(f"The hands detections of {video.name} cover {len(detections)} frames of its "
+                               f"{length}: give one entry per frame.")
+    ids = frame_indices(length, frames, interval, generator)
+    reference_id = int(torch.randint(0, length, (1,), generator=generator))
+    pixels = _frames([video.read(reference_id)] + [video.read(index) for index in ids[1:]], video.name)
+    poses = _frames([guide.read(reference_id)] + [guide.read(index) for index in ids[1:]], guide.name)
+    if poses.shape[-2:] != pixels.shape[-2:]:
+        raise ControlNeXtError(f"The poses of {video.name} are {poses.shape[-1]}x{poses.shape[-2]} but its frames "
+                               f"{pixels.shape[-1]}x{pixels.shape[-2]}: draw the poses on the frames' canvas.")
+    if guide_bgr:
+        poses = poses.flip(1)
+    masks = torch.stack([hands_mask(detections[index], *pixels.shape[-2:]) if detections is not None
+                         else torch.zeros(1, *pixels.shape[-2:]) for index in ids])
+    top, left, crop_height, crop_width = _aspect_crop(*pixels.shape[-2:], width, height, generator)
+    cut = (slice(None), slice(None), slice(top, top + crop_height), slice(left, left + crop_width))
+    pixels, poses, masks = (_resized(tensor[cut], width, height) for tensor in (pixels, poses, masks))
+    pixels = pixels * 2 - 1
+    return ClipSample(pixels, poses, pixels[0].clone(), loss_weights(masks))
+
+
+def _frames(arrays: list[np.ndarray], name: str) -> torch.Tensor:
+    if len({array.shape for array in arrays}) != 1:
+        raise ControlNeXtError(f"The frames of {name} differ in size: give frames of one size.")
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+
+
+def _aspect_crop(frame_height: int, frame_width: int, width: int, height: int,
+                 generator: torch.Generator) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of the largest window of the training aspect, at a random place
+    along the longer side."""
+    if frame_height / frame_width > height / width:
+        crop_height = int(frame_width * height / width)
+        return int(torch.randint(0, frame_height - crop_height + 1, (1,), generator=generator)), 0, crop_height, frame_width
+    crop_width = int(frame_height * width / height)
+    return 0, int(torch.randint(0, frame_width - crop_width + 1, (1,), generator=generator)), frame_height, crop_width
+
+
+def _resized(tensor: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    return F.interpolate(tensor, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+
+
+@dataclass(frozen=True)
+class ClipFolder:
+    """One clip of the simple layout: ``<clip>/frames/`` (pictures) or ``<clip>/video.<ext>``, and its
+    poses as ``<clip>/poses/`` or ``<clip>/poses.<ext>``; optionally ``<clip>/hands.json``, the
+    official per-frame detections (``hands_boxes``, ``hands_score``) that weight the loss."""
+
+    name: str
+    frames: str
+    poses: str
+    hands: str | None
+
+
+def read_clip_folders(root: str) -> list[ClipFolder]:
+    """The clips under ``root`` (one subfolder each, in name order), every problem listed at once."""
+    if not os.path.isdir(root):
+        raise ControlNeXtError(f"{root} is not a folder: give a folder with one subfolder per clip.")
+    clips, problems = [], []
+    for name in sorted(os.listdir(root)):
+        folder = os.path.join(root, name)
+        if not os.path.isdir(folder):
+            continue
+        frames, poses = _clip_part(folder, "frames", "video"), _clip_part(folder, "poses", "poses")
+        if frames is None:
+            problems.append(f"{name}: no frames/ folder of pictures and no video.<{'|'.join(s[1:] for s in VIDEO_SUFFIXES)}>")
+        if poses is None:
+            problems.append(f"{name}: no poses/ folder and no poses.<video>: draw them with DWPose (ControlNeXt "
+                            f"Pose) from the frames, one per frame")
+        hands = os.path.join(folder, "hands.json")
+        if frames and poses:
+            clips.append(ClipFolder(name, frames, poses, hands if os.path.isfile(hands) else None))
+    if problems:
+        shown = "\n".join(f"- {problem}" for problem in problems[:20])
+        raise ControlNeXtError(f"{root} has {len(problems)} problem(s) with its clips; mend them and run again:\n{shown}")
+    if not clips:
+        raise ControlNeXtError(f"{root} holds no clip folders: put each clip in a subfolder with frames/ (or "
+                               f"video.mp4) and poses/ (or poses.mp4).")
+    return clips
+
+
+def _clip_part(folder: str, subfolder: str, stem: str) -> str | None:
+    if os.path.isdir(os.path.join(folder, subfolder)):
+        return os.path.join(folder, subfolder)
+    for suffix in VIDEO_SUFFIXES:
+        if os.path.isfile(os.path.join(folder, stem + suffix)):
+            return os.path.join(folder, stem + suffix)
+    return None
+
+
+def read_detections(path: str) -> list[dict]:
+    """A clip's per-frame detections (the official meta_info JSON: a list, one dict per frame)."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            detections = json.load(file)
+    except (OSError, ValueError) as error:
+        raise ControlNeXtError(f"The hands detections {path} cannot be read ({type(error).__name__}: {error}).") from None
+    if not isinstance(detections, list) or not all(isinstance(entry, dict) for entry in detections):
+        raise ControlNeXtError(f"{path} is not a list of per-frame detections ({{\"hands_boxes\": ..., "
+                               f"\"hands_score\": ...}} per frame).")
+    return detections

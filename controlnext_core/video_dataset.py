@@ -30,17 +30,18 @@ VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".avi", ".mkv", ".gif")
 
 
 @dataclass(frozen=True)
-class MetaInfoClip:
-    """One entry of the official meta-info file."""
+class ClipFiles:
+    """One clip: an entry of the official meta-info file, or a clip folder of the simple layout."""
 
     video: str
+    """A video file or a folder of frame pictures."""
     guide: str
-    """The pose video of the same frames."""
+    """The poses of the same frames (a video or a folder)."""
     detections: str | None
     """The JSON of per-frame detections (``hands_boxes``, ``hands_score``); None: no hands mask."""
 
 
-def read_meta_info(path: str) -> list[MetaInfoClip]:
+def read_meta_info(path: str) -> list[ClipFiles]:
     """The clips of an official meta-info file, every missing key or file listed in one error."""
     try:
         with open(path, encoding="utf-8") as file:
@@ -60,7 +61,7 @@ def read_meta_info(path: str) -> list[MetaInfoClip]:
                  if isinstance(entry.get(key), str)}
         problems += [f"clip {index}: its {key} {value} does not exist" for key, value in paths.items()
                      if not os.path.isfile(value)]
-        clips.append(MetaInfoClip(paths["video_path"], paths["guide_path"], paths.get("meta_info")))
+        clips.append(ClipFiles(paths["video_path"], paths["guide_path"], paths.get("meta_info")))
     if problems:
         shown = "\n".join(f"- {problem}" for problem in problems[:20])
         raise ControlNeXtError(f"{path} has {len(problems)} problem(s); mend them and run again:\n{shown}")
@@ -221,20 +222,11 @@ def _resized(tensor: torch.Tensor, width: int, height: int) -> torch.Tensor:
     return F.interpolate(tensor, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
 
 
-@dataclass(frozen=True)
-class ClipFolder:
-    """One clip of the simple layout: ``<clip>/frames/`` (pictures) or ``<clip>/video.<ext>``, and its
-    poses as ``<clip>/poses/`` or ``<clip>/poses.<ext>``; optionally ``<clip>/hands.json``, the
-    official per-frame detections (``hands_boxes``, ``hands_score``) that weight the loss."""
-
-    name: str
-    frames: str
-    poses: str
-    hands: str | None
-
-
-def read_clip_folders(root: str) -> list[ClipFolder]:
-    """The clips under ``root`` (one subfolder each, in name order), every problem listed at once."""
+def read_clip_folders(root: str) -> list[ClipFiles]:
+    """The clips of the simple layout under ``root``, one subfolder each, in name order: its frames as
+    ``frames/`` (pictures) or ``video.<ext>``, its poses as ``poses/`` or ``poses.<ext>``, and
+    optionally ``hands.json``, the official per-frame detections that weight the loss. Every problem
+    is listed at once."""
     if not os.path.isdir(root):
         raise ControlNeXtError(f"{root} is not a folder: give a folder with one subfolder per clip.")
     clips, problems = [], []
@@ -250,7 +242,7 @@ def read_clip_folders(root: str) -> list[ClipFolder]:
                             f"Pose) from the frames, one per frame")
         hands = os.path.join(folder, "hands.json")
         if frames and poses:
-            clips.append(ClipFolder(name, frames, poses, hands if os.path.isfile(hands) else None))
+            clips.append(ClipFiles(frames, poses, hands if os.path.isfile(hands) else None))
     if problems:
         shown = "\n".join(f"- {problem}" for problem in problems[:20])
         raise ControlNeXtError(f"{root} has {len(problems)} problem(s) with its clips; mend them and run again:\n{shown}")

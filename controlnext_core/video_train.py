@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, Mapping, Protocol
+from typing import Callable, Mapping, Protocol, Sequence
 
 import torch
 from torch.nn import functional as F
@@ -23,6 +23,7 @@ from .encoders import ConditionEncoder
 from .errors import ControlNeXtError
 from .processes import Processes
 from .train import Trainer, TrainingSettings
+from .video_dataset import ClipFiles, frame_source, read_detections, sample_clip
 
 # the script's constants
 SIGMA_MIN, SIGMA_MAX, SIGMA_DATA = 0.002, 700.0, 0.5
@@ -152,6 +153,49 @@ class VideoDraws:
     dropout: torch.Tensor  # [B] uniform draws for the conditioning dropout
 
 
+@dataclass(frozen=True)
+class ClipSampling:
+    """How samples are cut from clips (video_dataset.sample_clip)."""
+
+    frames: int = OFFICIAL_VIDEO_RECIPE.frames
+    interval: int = OFFICIAL_VIDEO_RECIPE.interval_frame
+    width: int = OFFICIAL_VIDEO_RECIPE.width
+    height: int = OFFICIAL_VIDEO_RECIPE.height
+    guide_slack: int = 0  # the official meta-info data: video_dataset.OFFICIAL_GUIDE_SLACK
+    guide_bgr: bool = False  # the official pose videos: True
+
+
+class ClipSource:
+    """The video trainer's samples: each clip drawn is sampled with a seed of its own (drawn by
+    ``VideoTrainer.next_batches`` for the whole global batch, so every process and a resumed run
+    draw the same samples), its frames through ``encode_frames`` ([F, 3, H, W] in [-1, 1] -> the
+    scaled latents [F, 4, h, w]) and its reference frame through ``embed_image`` ([3, H, W] in
+    [-1, 1] -> [1, D]). The files are opened per sample: a data set may hold thousands of clips."""
+
+    def __init__(self, clips: Sequence[ClipFiles], sampling: ClipSampling,
+                 encode_frames: Callable[[torch.Tensor], torch.Tensor],
+                 embed_image: Callable[[torch.Tensor], torch.Tensor]):
+        self.clips, self.sampling = list(clips), sampling
+        self.encode_frames, self.embed_image = encode_frames, embed_image
+        self.count = len(self.clips)
+
+    def batch(self, indices: list[int], seeds: list[int]) -> "VideoBatch":
+        sampling, samples = self.sampling, []
+        for index, seed in zip(indices, seeds, strict=True):
+            clip = self.clips[index]
+            samples.append(sample_clip(
+                frame_source(clip.video), frame_source(clip.guide),
+                read_detections(clip.detections) if clip.detections else None, sampling.frames, sampling.interval,
+                sampling.width, sampling.height, torch.Generator().manual_seed(seed),
+                guide_slack=sampling.guide_slack, guide_bgr=sampling.guide_bgr))
+        with torch.no_grad():
+            latents = torch.stack([self.encode_frames(sample.pixels) for sample in samples])
+            embeddings = torch.stack([self.embed_image(sample.reference) for sample in samples])
+        return VideoBatch(latents, torch.stack([sample.poses for sample in samples]), embeddings,
+                          torch.stack([sample.reference for sample in samples]),
+                          torch.stack([sample.weights for sample in samples]))
+
+
 class VideoDenoiser(Protocol):
     """The frozen SVD UNet: ``(input [B, F, 8, h, w], timesteps [B], image embeddings, added time
     ids [B, 3], inject) -> prediction [B, F, 4, h, w]``. It calls ``inject(h)`` on the hidden state
@@ -204,6 +248,15 @@ class VideoTrainer(Trainer):
             prediction = denoiser(unet_input, timesteps, embeddings, added_time_ids(count, device), inject)
         weights = None if batch.weights is None else batch.weights.to(device)
         return video_loss(prediction, noisy, latents, draws.sigmas.to(device), weights)
+
+    def next_batches(self, source: ClipSource, empty: None = None) -> list[VideoBatch]:
+        """This process's micro-batches of the next step: the global batch's clips and a sampling
+        seed for each, drawn alike by every process, the share of this process read from ``source``."""
+        indices = self.batch_indices(source.count)
+        seeds = torch.randint(0, 2 ** 62, (len(indices),), generator=self.data_generator).tolist()
+        indices, seeds = self.processes.share(indices), self.processes.share(seeds)
+        return [source.batch(part, part_seeds)
+                for part, part_seeds in zip(self.micro_batches(indices), self.micro_batches(seeds))]
 
     def _with_draws(self, parts: list[VideoBatch]) -> list[VideoBatch]:
         if all(part.draws is not None for part in parts):

@@ -20,7 +20,7 @@ def test_the_meta_info_file_lists_its_clips_and_every_missing_file_at_once(tmp_p
     meta = tmp_path / "meta_info.json"
     meta.write_text(json.dumps([{"video_path": "a.mp4", "guide_path": "a_pose.mp4", "meta_info": "a.json"}]))
     [clip] = vd.read_meta_info(str(meta))
-    assert clip == vd.MetaInfoClip(str(tmp_path / "a.mp4"), str(tmp_path / "a_pose.mp4"), str(tmp_path / "a.json"))
+    assert clip == vd.ClipFiles(str(tmp_path / "a.mp4"), str(tmp_path / "a_pose.mp4"), str(tmp_path / "a.json"))
     meta.write_text(json.dumps([{"video_path": "b.mp4", "guide_path": "a_pose.mp4"}, {"video_path": "a.mp4"},
                                 {"video_path": "a.mp4", "guide_path": "c.mp4"}]))
     with pytest.raises(cn.ControlNeXtError) as raised:
@@ -140,9 +140,9 @@ def test_clip_folders_are_read_and_every_problem_listed(tmp_path):
     (tmp_path / "b" / "poses.mp4").write_bytes(b"")
     (tmp_path / "notes.txt").write_text("not a clip")
     clips = vd.read_clip_folders(str(tmp_path))
-    assert clips == [vd.ClipFolder("a", str(tmp_path / "a" / "frames"), str(tmp_path / "a" / "poses"),
-                                   str(tmp_path / "a" / "hands.json")),
-                     vd.ClipFolder("b", str(tmp_path / "b" / "video.mp4"), str(tmp_path / "b" / "poses.mp4"), None)]
+    assert clips == [vd.ClipFiles(str(tmp_path / "a" / "frames"), str(tmp_path / "a" / "poses"),
+                                  str(tmp_path / "a" / "hands.json")),
+                     vd.ClipFiles(str(tmp_path / "b" / "video.mp4"), str(tmp_path / "b" / "poses.mp4"), None)]
     (tmp_path / "c").mkdir()
     write_frames(tmp_path / "d" / "frames", 2)
     with pytest.raises(cn.ControlNeXtError) as raised:

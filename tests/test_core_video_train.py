@@ -6,11 +6,13 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
-from controlnext_core import train
+from controlnext_core import train, video_dataset
 from controlnext_core import video_train as vt
 
 
@@ -184,3 +186,66 @@ def test_a_resumed_video_run_continues_bit_for_bit(tmp_path):
         resumed.step(toy, clips[step % 4])
     assert resumed.losses == straight.losses
     assert all(torch.equal(p, straight.unet_parameters[n]) for n, p in resumed.unet_parameters.items())
+
+
+def clip_folders(root, count: int = 3, frames: int = 12, size: int = 64) -> list:
+    """Clip folders of the simple layout: a white square moving 2 pixels a frame, drawn on the frames
+    and on their poses."""
+    generator = torch.Generator().manual_seed(4)
+    for clip in range(count):
+        y, x = torch.randint(0, size - 24 - 2 * frames, (2,), generator=generator).tolist()
+        for part in ("frames", "poses"):
+            (root / f"clip{clip}" / part).mkdir(parents=True)
+            for frame in range(frames):
+                picture = np.zeros((size, size, 3), np.uint8)
+                picture[y + 2 * frame:y + 2 * frame + 24, x:x + 24] = 255 if part == "poses" else 180
+                Image.fromarray(picture).save(root / f"clip{clip}" / part / f"{frame:03d}.png")
+    return video_dataset.read_clip_folders(str(root))
+
+
+def clip_source(root, frames: int = 3) -> vt.ClipSource:
+    return vt.ClipSource(clip_folders(root), vt.ClipSampling(frames=frames, interval=2, width=64, height=64),
+                         toy_reference_latents, lambda reference: nn.functional.adaptive_avg_pool2d(
+                             reference[:1], 4).reshape(1, 16))
+
+
+def test_clips_train_through_the_loop_and_a_resumed_run_draws_the_same_samples(tmp_path):
+    from controlnext_core import checkpoints
+    from controlnext_core.training_loop import run_training
+
+    source = clip_source(tmp_path)
+    batch = source.batch([1], [7])
+    assert batch.latents.shape == (1, 3, 4, 8, 8) and batch.controls.shape == (1, 3, 3, 64, 64)
+    assert batch.image_embeddings.shape == (1, 1, 16) and batch.reference_pixels.shape == (1, 3, 64, 64)
+    assert torch.equal(batch.reference_pixels[0], source.batch([1], [7]).reference_pixels[0])  # the seed decides
+    toy, straight = video_trainer(steps=6, encoder_lr=1e-3, unet_lr=1e-3, batch_size=2)
+    run_training(straight, toy, source)
+    assert len(straight.losses) == 6 and all(math.isfinite(loss) for loss in straight.losses)
+    toy, first = video_trainer(steps=3, encoder_lr=1e-3, unet_lr=1e-3, batch_size=2)
+    run_training(first, toy, source)
+    folder = checkpoints.save_checkpoint(str(tmp_path / "checkpoints"), first)
+    toy, resumed = video_trainer(steps=6, encoder_lr=1e-3, unet_lr=1e-3, batch_size=2)
+    checkpoints.resume(folder, resumed)  # steps may grow: 3 -> 6
+    run_training(resumed, toy, source)
+    assert resumed.losses == straight.losses
+
+
+def test_each_process_reads_its_share_of_the_samples_one_process_draws(tmp_path):
+    """Two processes with a batch of one each draw the clips and samples one process with a batch of
+    two draws, and each reads only its own."""
+    from controlnext_core.processes import Processes
+
+    source = clip_source(tmp_path)
+    _, alone = video_trainer(batch_size=2)
+    whole = alone.next_batches(source)
+    shares = []
+    for rank in (0, 1):
+        toy = ToyVideoDenoiser()
+        trainer = vt.VideoTrainer(train.new_encoder(0), toy.unet_weights(),
+                                  train.TrainingSettings(family="svd", steps=10, batch_size=1), toy_reference_latents,
+                                  processes=Processes(rank, 2))
+        [share] = trainer.next_batches(source)
+        shares.append(share)
+    [together] = whole
+    assert torch.equal(torch.cat([share.latents for share in shares]), together.latents)
+    assert torch.equal(torch.cat([share.controls for share in shares]), together.controls)

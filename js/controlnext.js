@@ -22,7 +22,7 @@ import { api } from "../../scripts/api.js";
 
 const CATEGORY = "ControlNeXt"; // the pack's node menu, and the start of its submenus
 const NODE_TYPES = new Set(["ControlNeXtLoader", "ControlNeXtApply", "ControlNeXtUNetWeights", "ControlNeXtTrain",
-  "ControlNeXtSave"]);
+  "ControlNeXtTrainSVD", "ControlNeXtSave"]);
 const STATUS_WIDGET = "controlnext_status";
 const LINE_HEIGHT = 15; // px, for the 12px monospace text below
 const CHAR_WIDTH = 7.8; // a little wider than a glyph: lines wrap at word ends

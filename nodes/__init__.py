@@ -11,13 +11,15 @@ from .schedule import SCHEDULE_NODES
 from .train import TRAIN_NODES
 from .train_launch import TRAIN_LAUNCH_NODES
 from .video import AlignPoses, ApplyControlNeXtSVD, ControlNeXtSVDWindowGuider, LoadControlNeXtSVD
+from .video_train import VIDEO_TRAIN_NODES
 
 
 class ControlNeXtExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [LoadControlNeXt, ApplyControlNeXt, LoadControlNeXtUNetWeights,
                 LoadControlNeXtSVD, ApplyControlNeXtSVD, ControlNeXtSVDWindowGuider, AlignPoses,
-                *SCHEDULE_NODES, *PREPROCESSOR_NODES, *TRAIN_NODES, *TRAIN_LAUNCH_NODES, *DEMO_NODES]
+                *SCHEDULE_NODES, *PREPROCESSOR_NODES, *TRAIN_NODES, *VIDEO_TRAIN_NODES, *TRAIN_LAUNCH_NODES,
+                *DEMO_NODES]
 
 
 def comfy_entrypoint() -> ControlNeXtExtension:

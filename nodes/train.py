@@ -12,6 +12,7 @@ import functools
 import logging
 import os
 import time
+from typing import Callable
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -38,6 +39,7 @@ from .patch import (LATENT_SCALE, NO_OPTIONS, PATCH_KIND, ControlNeXtFile, attac
                     model_family, model_type_name)
 from .train_data import (InMemoryPictures, LoadTrainingData, TrainingDataType, cached_pictures, encode_text, input_subfolder,
                          input_subfolders)
+from .unet_keys import diffusers_map
 
 log = logging.getLogger("ControlNeXt")
 TRAIN_CATEGORY = f"{CATEGORY}/training"
@@ -62,9 +64,10 @@ class TrainedControlNeXt(ControlNeXtFile):
 
 
 def diffusers_names(model) -> dict[str, str]:
-    """This UNet's parameter names (without "diffusion_model.") -> the diffusers names releases use."""
-    return {ldm: diffusers for diffusers, ldm in
-            comfy.utils.unet_to_diffusers(model.model.model_config.unet_config).items()}
+    """This UNet's parameter names (without "diffusion_model.") -> the diffusers names releases use;
+    a name diffusers has no counterpart for keeps its own (the UNet loaders read both)."""
+    names = {name: name for name, _ in model.model.diffusion_model.named_parameters()}
+    return names | {ldm: diffusers for diffusers, ldm in diffusers_map(model).items() if ldm in names}
 
 
 class TrainingPatch:
@@ -131,7 +134,7 @@ class ComfyDenoiser:
     loads (making room for it) and unloads, so the MODEL given is never changed."""
 
     def __init__(self, model, family: str, trained_names: list[str]):
-        self.patcher = model.clone()
+        self.patcher, self.trained_names = model.clone(), list(trained_names)
         rule = rule_for(family, TRAIN_LAYOUT)
         self.patch = TrainingPatch(injection_block(rule, list(model.model.diffusion_model.num_res_blocks)))
         self.patcher.set_model_patch(self.patch, PATCH_KIND[self.patch.block[0]])
@@ -158,12 +161,15 @@ class ComfyDenoiser:
     def loaded(self, use_checkpointing: bool):
         """The clone loaded as ComfyUI's own trainer loads its model (other models make room), with
         the UNet's own weights frozen and, optionally, gradient checkpointing."""
-        comfy.model_management.load_models_gpu([self.patcher], memory_required=1e20, force_full_load=True)
+        self.load()
         try:
             with frozen(self.unet), gradient_checkpointing(self.unet, use_checkpointing):
                 yield self
         finally:
             self.unload()
+
+    def load(self) -> None:
+        comfy.model_management.load_models_gpu([self.patcher], memory_required=1e20, force_full_load=True)
 
     def unload(self) -> None:
         """The clone out of ComfyUI's loaded models (its object patches undone), its weight wrappers off
@@ -191,7 +197,11 @@ class ComfyDenoiser:
 
     def run_unet(self, inject, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                  y: torch.Tensor | None, **kwargs) -> torch.Tensor:
-        """The UNet on the clone's transformer options, with ``inject`` at the training patch's block."""
+        """The UNet on the clone's transformer options, with ``inject`` at the training patch's block.
+        Another model loaded since (a validation sampler, a VAE or CLIP vision encode that needed the
+        room) may have unloaded the clone, and its patches with it: it goes back in first."""
+        if not any(loaded.model is self.patcher for loaded in comfy.model_management.current_loaded_models):
+            self.load()
         self.patch.inject = inject
         try:
             return self.unet(x.to(self.dtype), timesteps.float(), context=context.to(x.device, self.dtype),
@@ -644,7 +654,7 @@ class ValidationPlan:
         for index, picture in enumerate(pictures):
             self._save(picture, f"step-{trainer.steps_done:06d}_{index}.png")
         # the sampler loaded the validation model: the training clone goes back in, with its weight wrappers
-        comfy.model_management.load_models_gpu([denoiser.patcher], memory_required=1e20, force_full_load=True)
+        denoiser.load()
         self.seconds += time.perf_counter() - started
 
     def strip(self) -> dict:
@@ -718,22 +728,34 @@ def train(model, family: str, pictures, empty: list | None, settings: TrainingSe
           use_checkpointing: bool, autocast_dtype, alphas_cumprod: torch.Tensor | None, node_id,
           plan: CheckpointPlan | None = None, validation: ValidationPlan | None = None,
           hooks_class: type[ComfyHooks] = ComfyHooks) -> TrainingRun:
-    """The core loop (controlnext_core.training_loop) on the MODEL's clone, loaded by ComfyUI."""
-    device = comfy.model_management.get_torch_device()
+    """SD1.5 / SDXL training on the MODEL's clone (``train_on_clone``)."""
     with torch.inference_mode(False):
         names = (trainable_unet_names([name for name, _ in model.model.diffusion_model.named_parameters()], family)
                  if settings.train_unet else [])
         denoiser = ComfyDenoiser(model, family, names)
-        with denoiser.loaded(use_checkpointing):
-            base_weights = denoiser.unet_weights(names)
-            trainer = Trainer(encoder, base_weights, settings, device, alphas_cumprod, Processes.joined())
-            denoiser.train_through(trainer.unet_parameters)
-            started = plan.start(trainer) if plan else ""
-            scaler = (torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 and device.type == "cuda"
-                      else None)
-            hooks = hooks_class(node_id, settings.steps, base_weights, denoiser, plan, validation)
-            message = run_training(trainer, denoiser, pictures, hooks, empty, autocast_dtype, scaler)
-            file_weights = release_unet_weights(trainer.trained_unet(), base_weights, family)
+    device = comfy.model_management.get_torch_device()
+    return train_on_clone(
+        denoiser, lambda base: Trainer(encoder, base, settings, device, alphas_cumprod, Processes.joined()), pictures,
+        empty, settings, use_checkpointing, autocast_dtype, node_id, plan, validation, hooks_class)
+
+
+def train_on_clone(denoiser: ComfyDenoiser, make_trainer: Callable[[dict[str, torch.Tensor]], Trainer], source,
+                   empty: list | None, settings: TrainingSettings, use_checkpointing: bool, autocast_dtype, node_id,
+                   plan: CheckpointPlan | None = None, validation: ValidationPlan | None = None,
+                   hooks_class: type[ComfyHooks] = ComfyHooks) -> TrainingRun:
+    """The core loop (controlnext_core.training_loop) on the MODEL's clone, loaded by ComfyUI; the
+    trainer is made from the loaded UNet's weights of the trained names."""
+    with torch.inference_mode(False), denoiser.loaded(use_checkpointing):
+        base_weights = denoiser.unet_weights(denoiser.trained_names)
+        trainer = make_trainer(base_weights)
+        denoiser.train_through(trainer.unet_parameters)
+        started = plan.start(trainer) if plan else ""
+        device = trainer.device
+        scaler = (torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 and device.type == "cuda"
+                  else None)
+        hooks = hooks_class(node_id, settings.steps, base_weights, denoiser, plan, validation)
+        message = run_training(trainer, denoiser, source, hooks, empty, autocast_dtype, scaler)
+        file_weights = release_unet_weights(trainer.trained_unet(), base_weights, settings.family)
     return TrainingRun(trainer, file_weights, " ".join(part for part in (started, message) if part))
 
 

@@ -57,13 +57,16 @@ def _spatio_temporal(sd_map: dict[str, str]) -> dict[str, str]:
     return out
 
 
+def diffusers_map(model) -> dict[str, str]:
+    """Diffusers names -> ``model``'s UNet names (without "diffusion_model."), spatio-temporal for SVD."""
+    unet_config = model.model.model_config.unet_config
+    names = comfy.utils.unet_to_diffusers(unet_config)
+    return _spatio_temporal(names) if unet_config.get("use_temporal_resblock") else names
+
+
 def unet_key_map(model) -> dict[str, str]:
     """File names (diffusers, LDM, or full-checkpoint LDM) -> ``model``'s state-dict keys."""
-    unet_config = model.model.model_config.unet_config
-    diffusers_map = comfy.utils.unet_to_diffusers(unet_config)
-    if unet_config.get("use_temporal_resblock"):
-        diffusers_map = _spatio_temporal(diffusers_map)
-    key_map = {diffusers: f"diffusion_model.{ldm}" for diffusers, ldm in diffusers_map.items()}
+    key_map = {diffusers: f"diffusion_model.{ldm}" for diffusers, ldm in diffusers_map(model).items()}
     for key in model.model_state_dict(filter_prefix="diffusion_model."):
         ldm = key[len("diffusion_model."):]
         key_map[ldm] = key

@@ -2,15 +2,38 @@
 (controlnext_core.video_train) needs them, on a clone of the MODEL as the image training works."""
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import torch
 
+import comfy.model_management
+from comfy_api.latest import io
+
 from ..controlnext_core import ControlNeXtError
-from ..controlnext_core.train import trainable_unet_names
-from ..controlnext_core.video_train import VIDEO_TRAINED_SETS
+from ..controlnext_core.processes import Processes
+from ..controlnext_core.train import (TRAIN_LAYOUT, TrainingSettings, loss_summary, new_encoder, release_metadata,
+                                      trainable_copy, trainable_unet_names)
+from ..controlnext_core.unet_weights import OFFICIAL_MODE
+from ..controlnext_core.video_dataset import read_clip_folders
+from ..controlnext_core.video_train import (OFFICIAL_VIDEO_RECIPE, VIDEO_TRAINED_SETS, ClipSampling, ClipSource,
+                                            VideoTrainer)
+from .loaders import ControlNeXtType, patch_unet_weights_from
 from .patch import model_family, model_type_name
-from .train import ComfyDenoiser
+from .train import (CHECKPOINTS_KEPT, PRECISIONS, RESUME_CHOICES, TRAIN_CATEGORY, CheckpointPlan, ComfyDenoiser,
+                    LossMapType, TrainedControlNeXt, _autocast_dtype, base_model_name, check_saves_fed_by,
+                    control_scale_for, diffusers_names, release_file_weights, release_folder,
+                    release_for_run_problem, train_on_clone)
+from .train_data import input_subfolder, input_subfolders
+
+log = logging.getLogger("ControlNeXt")
+
+
+def require_svd_for_training(model) -> None:
+    if model_family(model.model) != "svd":
+        raise ControlNeXtError(f"The video training trains Stable Video Diffusion models (SVD-XT 1.1, as the "
+                               f"official SVD-v2 training); this is a {model_type_name(model.model)} model: "
+                               f"use Train ControlNeXt for SD1.5 and SDXL.")
 
 
 class ComfyVideoDenoiser(ComfyDenoiser):
@@ -20,9 +43,7 @@ class ComfyVideoDenoiser(ComfyDenoiser):
     (the official training feeds fps 6 where ComfyUI's SVD conditioning feeds its fps input minus 1)."""
 
     def __init__(self, model, trained_names: list[str]):
-        if model_family(model.model) != "svd":
-            raise ControlNeXtError(f"The video training trains Stable Video Diffusion models (SVD-XT 1.1, as the "
-                                   f"official SVD-v2 training); this is a {model_type_name(model.model)} model.")
+        require_svd_for_training(model)
         super().__init__(model, "svd", trained_names)
         self.embedder = model.model.embedder
 
@@ -47,10 +68,185 @@ def video_trained_names(model, trained_set: str) -> list[str]:
 
 
 def reference_encoder(vae) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The VAE's encoder for the reference picture ([B, 3, H, W] in [-1, 1], noise augmented, so
-    possibly a little outside): the distribution's mode, unscaled, as the official script's
-    ``latent_dist.mode()`` and ComfyUI's SVD conditioning give it. Called while the VAE is loaded
-    beside the training clone (ComfyUI's VAE.encode would load it itself and could evict the clone)."""
+    """The reference picture ([B, 3, H, W] in [-1, 1], noise augmented, so possibly a little outside)
+    through ComfyUI's VAE: the latent distribution's mode, unscaled, as ComfyUI's SVD conditioning
+    encodes its init image (the official script takes ``latent_dist.mode()`` too)."""
     def encode(pixels: torch.Tensor) -> torch.Tensor:
-        return vae.first_stage_model.encode(pixels.to(vae.device, vae.vae_dtype)).float()
+        return vae.encode(((pixels + 1) / 2).movedim(1, -1))
     return encode
+
+
+def frames_encoder(vae, model) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A clip's frames ([F, 3, H, W] in [-1, 1]) as the SVD model's latents (the VAE's mode, scaled as
+    ComfyUI scales sampled latents; the official script samples the distribution, whose spread the
+    SD VAE keeps near 0)."""
+    latent_format = model.model.latent_format
+
+    def encode(pixels: torch.Tensor) -> torch.Tensor:
+        return latent_format.process_in(vae.encode(((pixels + 1) / 2).movedim(1, -1)))
+    return encode
+
+
+def image_embedder(clip_vision) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The reference frame ([3, H, W] in [-1, 1]) through CLIP vision as ComfyUI's SVD conditioning
+    embeds its init image: [1, D]."""
+    def embed(reference: torch.Tensor) -> torch.Tensor:
+        return clip_vision.encode_image(((reference + 1) / 2).movedim(0, -1)[None]).image_embeds
+    return embed
+
+
+class TrainControlNeXtSVD(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        recipe = OFFICIAL_VIDEO_RECIPE
+        return io.Schema(
+            node_id="ControlNeXtTrainSVD",
+            display_name="Train ControlNeXt SVD",
+            category=TRAIN_CATEGORY,
+            description="Trains a ControlNeXt-SVD-v2 pose encoder (and SVD UNet weights) on your clips, with the "
+                        "official SVD-v2 training step: each step takes frames of a clip every interval_frame "
+                        "frames, a random frame of the clip as the reference picture, and learns to make the "
+                        "frames from the reference and the poses. For short clips on one GPU; the headless command "
+                        "runs the official scale. Cancel stops and keeps what was trained.",
+            inputs=[
+                io.Model.Input("model", tooltip="The SVD model to train for (SVD-XT 1.1 for ControlNeXt-SVD-v2; "
+                                                "Image Only Checkpoint Loader)."),
+                io.ClipVision.Input("clip_vision", tooltip="The SVD checkpoint's CLIP vision model (Image Only "
+                                                           "Checkpoint Loader): embeds the reference frame."),
+                io.Vae.Input("vae", tooltip="The SVD checkpoint's VAE: encodes the frames and the reference."),
+                io.Combo.Input("folder", options=input_subfolders(),
+                               tooltip="A subfolder of ComfyUI's input folder with one subfolder per clip: its "
+                                       "frames as frames/ (pictures in name order) or video.mp4, its poses as "
+                                       "poses/ or poses.mp4 (one per frame, e.g. drawn with ControlNeXt Pose), "
+                                       "optionally hands.json (the official per-frame hand detections: the loss "
+                                       "weighs hands x 4.2)."),
+                io.Int.Input("steps", default=500, min=1, max=1000000, tooltip="Optimiser steps."),
+                io.Combo.Input("trained", options=list(VIDEO_TRAINED_SETS), default="attention outputs and values",
+                               tooltip="The UNet weights trained with the encoder. all: every weight, the official "
+                                       "default (its AdamW state alone needs about 16 bytes per weight: 24 GB for "
+                                       "SVD's 1.5 billion); attention outputs and values: the official script's "
+                                       "selective choice; encoder only: no UNet weight (works with any SVD "
+                                       "fine-tune without a UNet file)."),
+                io.Float.Input("learning_rate", default=1e-5, min=0.0, max=1.0, step=1e-7,
+                               tooltip="AdamW learning rate of the encoder and the UNet weights (official: 1e-5, "
+                                       "constant)."),
+                io.Int.Input("frames", default=recipe.frames, min=2, max=64,
+                             tooltip="Frames per sample (official: 14; SVD-XT generates 14 or 25)."),
+                io.Int.Input("interval_frame", default=recipe.interval_frame, min=0, max=64,
+                             tooltip="Take every Nth frame (official script: 5); shrinks for a short clip. 0: "
+                                     "drawn from 2 to 7 per sample."),
+                io.Int.Input("width", default=recipe.width, min=64, max=4096, step=64,
+                             tooltip="Training width (official: 576); each sample is cut to width : height at a "
+                                     "random place, then resized."),
+                io.Int.Input("height", default=recipe.height, min=64, max=4096, step=64,
+                             tooltip="Training height (official: 1024)."),
+                io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Clips per step."),
+                io.Float.Input("conditioning_dropout", default=recipe.conditioning_dropout, min=0.0, max=0.33,
+                               step=0.01, tooltip="Share of samples trained without the reference embedding (2x "
+                                                  "this) or its latents (2x this, overlapping), so guidance works "
+                                                  "(official: 0.1)."),
+                io.Float.Input("control_scale", default=0.0, min=0.0, max=10.0, step=0.01,
+                               tooltip="How strongly the control is added while training, saved in the file. 0: "
+                                       "the scale of the file continued, or 1.0 for a new encoder."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seeds a new encoder, the noise, the clips' order and their samples."),
+                io.Boolean.Input("gradient_checkpointing", default=True,
+                                 tooltip="Less memory for more time: recompute the UNet's activations in the "
+                                         "backward pass (official: on)."),
+                io.Combo.Input("precision", options=list(PRECISIONS), default="auto",
+                               tooltip="Compute precision (trained weights stay fp32). auto: the model's own "
+                                       "(official: bf16)."),
+                ControlNeXtType.Input("controlnext", optional=True,
+                                      tooltip="Continue this SVD-v2 encoder instead of starting a new one."),
+                io.String.Input("checkpoint_name", default="", optional=True,
+                                tooltip="A folder under models/controlnext: every checkpoint_every steps and on "
+                                        f"Cancel the training state goes to <name>/checkpoints/step-N (the last "
+                                        f"{CHECKPOINTS_KEPT} kept) and the release files in <name>/ are refreshed. "
+                                        f"Empty: nothing is written while training."),
+                io.Int.Input("checkpoint_every", default=100, min=1, max=1000000, optional=True,
+                             tooltip="Steps between checkpoints (with a checkpoint_name)."),
+                io.Combo.Input("resume", options=list(RESUME_CHOICES), default=RESUME_CHOICES[0], optional=True,
+                               tooltip="latest: continue the newest checkpoint of checkpoint_name exactly; latest, "
+                                       "new settings: take only its weights; no: a new run."),
+            ],
+            outputs=[
+                ControlNeXtType.Output(display_name="CONTROLNEXT",
+                                       tooltip="For Apply ControlNeXt SVD and Save ControlNeXt."),
+                io.Model.Output(display_name="MODEL", tooltip="The model with the trained UNet weights as patches."),
+                LossMapType.Output(display_name="loss", tooltip="The loss of every step (Plot Loss Graph)."),
+            ],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
+        )
+
+    @classmethod
+    def validate_inputs(cls, checkpoint_name: str = "", resume: str = RESUME_CHOICES[0]) -> bool | str:
+        if resume not in RESUME_CHOICES:
+            return f"resume '{resume}' is not one of {', '.join(RESUME_CHOICES)}."
+        if not checkpoint_name.strip():
+            return True
+        return release_for_run_problem(checkpoint_name, resume, "checkpoint_name") or True
+
+    @classmethod
+    def execute(cls, model, clip_vision, vae, folder: str, steps: int, trained: str, learning_rate: float,
+                frames: int, interval_frame: int, width: int, height: int, batch_size: int,
+                conditioning_dropout: float, control_scale: float, seed: int, gradient_checkpointing: bool,
+                precision: str, controlnext=None, checkpoint_name: str = "", checkpoint_every: int = 100,
+                resume: str = RESUME_CHOICES[0]) -> io.NodeOutput:
+        inputs = {name: value for name, value in locals().items() if name != "cls"}
+        node_id, prompt = getattr(cls.hidden, "unique_id", None), getattr(cls.hidden, "prompt", None)
+        check_saves_fed_by(prompt, node_id)
+        return train_controlnext_svd(**inputs, node_id=node_id, base_model=base_model_name(prompt, node_id, model))
+
+
+def train_controlnext_svd(model, clip_vision, vae, folder: str, steps: int, trained: str, learning_rate: float,
+                          frames: int, interval_frame: int, width: int, height: int, batch_size: int,
+                          conditioning_dropout: float, control_scale: float, seed: int, gradient_checkpointing: bool,
+                          precision: str, controlnext=None, checkpoint_name: str = "", checkpoint_every: int = 100,
+                          resume: str = RESUME_CHOICES[0], node_id=None, base_model: str = "") -> io.NodeOutput:
+    """Train ControlNeXt SVD's work: the clips read, the official SVD-v2 step run by the core loop on the
+    MODEL's clone, the result as a CONTROLNEXT and a patched MODEL like Train ControlNeXt's."""
+    require_svd_for_training(model)
+    if width % 64 or height % 64:
+        raise ControlNeXtError(f"{width}x{height}: give a width and height that are multiples of 64 (the SVD UNet "
+                               f"halves the latents three times).")
+    if controlnext is not None and controlnext.layout != TRAIN_LAYOUT:
+        raise ControlNeXtError(f"'{controlnext.name}' is an SVD v1 encoder; the SVD-v2 training continues SVD-v2 "
+                               f"(\"base\" layout) encoders or starts a new one.")
+    clips = read_clip_folders(input_subfolder(folder))
+    scale, scale_note = control_scale_for(control_scale, controlnext)
+    names = video_trained_names(model, trained)  # refuses an unknown set
+    pattern = VIDEO_TRAINED_SETS[trained]
+    settings = TrainingSettings(family="svd", steps=steps, batch_size=batch_size, encoder_lr=learning_rate,
+                                unet_lr=learning_rate, train_unet=pattern is not None, unet_pattern=pattern,
+                                control_scale=scale, seed=seed).resolved()
+    with torch.inference_mode(False):
+        encoder = new_encoder(seed) if controlnext is None else trainable_copy(controlnext.encoder)
+        denoiser = ComfyVideoDenoiser(model, names)
+    base_model = base_model or model_type_name(model.model)
+    release = release_folder(checkpoint_name) if checkpoint_name.strip() else ""
+    source = ClipSource(clips, ClipSampling(frames, interval_frame, width, height), frames_encoder(vae, model),
+                        image_embedder(clip_vision))
+    identity = {"base_model": base_model, "data": f"{folder}: {len(clips)} clips, {frames} frames every "
+                                                  f"{interval_frame} at {width}x{height}"}
+    plan = (CheckpointPlan(release, checkpoint_every, resume, identity, base_model, diffusers_names(model),
+                           CHECKPOINTS_KEPT) if release else None)
+    device = comfy.model_management.get_torch_device()
+    run = train_on_clone(
+        denoiser, lambda base: VideoTrainer(encoder, base, settings, reference_encoder(vae), device,
+                                            Processes.joined(), conditioning_dropout),
+        source, None, settings, gradient_checkpointing, _autocast_dtype(precision, model), node_id, plan)
+    name = f"trained ControlNeXt (svd, {run.trainer.steps_done} steps)"
+    file_weights = release_file_weights(run.unet_file_weights, diffusers_names(model))
+    metadata = release_metadata("svd", settings.control_scale, run.trainer.steps_done, base_model)
+    trained_file = TrainedControlNeXt(name, run.trainer.finish(), file_weights, metadata, plan.folder if plan else "")
+    patched = (patch_unet_weights_from(model, file_weights, name, 1.0, OFFICIAL_MODE["svd"]) if file_weights
+               else model.clone())
+    message = " ".join(part for part in (
+        f"{len(clips)} clips.", run.message, loss_summary(run.trainer.losses) + ".",
+        f"adamw, lr {learning_rate:g}, trained: {trained}.", scale_note) if part)
+    log.info("ControlNeXt SVD training: %s", message)
+    return io.NodeOutput(trained_file, patched, {"loss": list(run.trainer.losses)},
+                         ui={"controlnext_info": [message]})
+
+
+VIDEO_TRAIN_NODES = [TrainControlNeXtSVD]

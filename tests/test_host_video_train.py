@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import host  # skips this module without a ComfyUI host
-from host import tiny_model
+from host import models_folder, tiny_model  # noqa: F401 (models_folder: a fixture)
 
 from controlnext_testbed.checkpoint_files import random_vae
 
@@ -76,12 +76,6 @@ def test_the_unet_gets_comfyuis_own_svd_inputs_and_the_control_after_level_0():
     assert seen == [(2 * FRAMES, 320, 4, 4)]
 
 
-def test_the_reference_encoder_is_comfyuis_vae_encode(vae):
-    pixels = torch.rand(2, SIZE, SIZE, 3, generator=torch.Generator().manual_seed(2))
-    encoded = video_train_nodes.reference_encoder(vae)(pixels.movedim(-1, 1) * 2 - 1)
-    assert torch.allclose(encoded, vae.encode(pixels), atol=1e-5)
-
-
 def test_the_trained_sets_are_the_scripts_own():
     model = tiny_model("svd")
     names = [name for name, _ in model.model.diffusion_model.named_parameters()]
@@ -129,3 +123,96 @@ def test_weights_outside_comfyuis_layers_train_as_masters_and_checkpointing_chan
 def test_an_image_model_is_refused():
     with pytest.raises(host.core.ControlNeXtError, match="trains Stable Video Diffusion models.*SD1.5|SD15"):
         Denoiser(tiny_model("sd15"), [])
+
+
+TINY_CLIP_VISION = {"attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "gelu", "hidden_size": 32,
+                    "image_size": 32, "intermediate_size": 64, "layer_norm_eps": 1e-05, "model_type": "clip_vision_model",
+                    "num_attention_heads": 2, "num_channels": 3, "num_hidden_layers": 2, "patch_size": 16,
+                    "projection_dim": host.UNET_CONFIGS["svd"]["context_dim"]}
+
+
+@pytest.fixture(scope="module")
+def clip_vision(tmp_path_factory):
+    import json
+
+    import comfy.clip_vision
+    from controlnext_testbed.checkpoint_files import randomise
+
+    config = tmp_path_factory.mktemp("clip_vision") / "config.json"
+    config.write_text(json.dumps(TINY_CLIP_VISION))
+    model = comfy.clip_vision.ClipVisionModel(str(config))
+    randomise(model.model, 5)
+    return model
+
+
+@pytest.fixture
+def clips_folder(tmp_path, monkeypatch):
+    """ComfyUI's input folder with one folder of two clip folders (a square moving down on frames and poses)."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "input"
+    monkeypatch.setattr(host.folder_paths, "input_directory", str(root))
+    for clip in range(2):
+        for part in ("frames", "poses"):
+            (root / "clips" / f"clip{clip}" / part).mkdir(parents=True)
+            for frame in range(6):
+                picture = np.zeros((SIZE, SIZE, 3), np.uint8)
+                picture[4 * frame + 8 * clip:4 * frame + 8 * clip + 24, 16:40] = 255 if part == "poses" else 150
+                Image.fromarray(picture).save(root / "clips" / f"clip{clip}" / part / f"{frame:02d}.png")
+    return root / "clips"
+
+
+def run_node(model, clip_vision, vae, **overrides):
+    arguments = dict(model=model, clip_vision=clip_vision, vae=vae, folder="clips", steps=2,
+                     trained="attention outputs and values", learning_rate=1e-4, frames=FRAMES, interval_frame=2,
+                     width=SIZE, height=SIZE, batch_size=1, conditioning_dropout=0.1, control_scale=0.0, seed=3,
+                     gradient_checkpointing=True, precision="auto")
+    arguments.update(overrides)
+    return video_train_nodes.TrainControlNeXtSVD.execute(**arguments)
+
+
+def test_the_node_trains_from_clip_folders_and_its_saved_files_generate_as_it_does(clips_folder, clip_vision, vae,
+                                                                                   models_folder):
+    """Two steps from a folder of clips; Save ControlNeXt writes the encoder and the trained UNet weights
+    (diffusers names), which Load ControlNeXt SVD reads back: Apply ControlNeXt SVD then samples bit for
+    bit what the node's own outputs sample."""
+    from test_host_video import apply_svd, sample_video
+
+    model = tiny_model("svd")
+    file, patched, losses = run_node(model, clip_vision, vae).result
+    assert len(losses["loss"]) == 2 and all(torch.isfinite(torch.tensor(losses["loss"])))
+    assert file.unet_file_weights and all(".to_out." in name or ".to_v." in name for name in file.unet_file_weights)
+    assert any(name.startswith(("down_blocks.", "mid_block.", "up_blocks.")) for name in file.unet_file_weights)
+    assert file.metadata["family"] == "svd"
+    folder = host.importlib.import_module(f"{host.PACK_NAME}.nodes.train").SaveControlNeXt.execute(
+        file, "svd_run", False).result[0]
+    video = host.importlib.import_module(f"{host.PACK_NAME}.nodes.video")
+    loaded_model, loaded_file = video.LoadControlNeXtSVD.execute(
+        model, "svd_run/controlnet.safetensors", "svd_run/unet.safetensors").result
+    poses = torch.rand(FRAMES, SIZE, SIZE, 3, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(sample_video(apply_svd(loaded_model, loaded_file, poses), FRAMES, steps=1),
+                       sample_video(apply_svd(patched, file, poses), FRAMES, steps=1))
+    assert sorted(p.name for p in (models_folder / "svd_run").iterdir()) == ["controlnet.safetensors",
+                                                                               "unet.safetensors"]
+    assert str(folder).endswith("svd_run")
+
+
+def test_the_node_names_bad_inputs(clips_folder, clip_vision, vae):
+    model = tiny_model("svd")
+    with pytest.raises(host.core.ControlNeXtError, match="trains Stable Video Diffusion models"):
+        run_node(tiny_model("sd15"), clip_vision, vae)
+    with pytest.raises(host.core.ControlNeXtError, match="multiples of 64"):
+        run_node(model, clip_vision, vae, width=100)
+    with pytest.raises(host.core.ControlNeXtError, match="Unknown trained set"):
+        run_node(model, clip_vision, vae, trained="everything")
+    with pytest.raises(host.core.ControlNeXtError, match="shorter than the 9 frames"):
+        run_node(model, clip_vision, vae, frames=9)
+    for extra in (clips_folder / "clip1" / "poses").iterdir():
+        extra.unlink()
+        break
+    with pytest.raises(host.core.ControlNeXtError, match=r"clip1/frames has 6 frames but its poses .* have 5"):
+        run_node(model, clip_vision, vae, seed=4)
+    (clips_folder / "clip2").mkdir()
+    with pytest.raises(host.core.ControlNeXtError, match="- clip2: no frames/ folder"):
+        run_node(model, clip_vision, vae)

@@ -123,9 +123,9 @@ class TrainControlNeXtSVD(io.ComfyNode):
                 io.Int.Input("steps", default=500, min=1, max=1000000, tooltip="Optimiser steps."),
                 io.Combo.Input("trained", options=list(VIDEO_TRAINED_SETS), default="attention outputs and values",
                                tooltip="The UNet weights trained with the encoder. all: every weight, the official "
-                                       "default (its AdamW state alone needs about 16 bytes per weight: 24 GB for "
-                                       "SVD's 1.5 billion); attention outputs and values: the official script's "
-                                       "selective choice; encoder only: no UNet weight (works with any SVD "
+                                       "default (16 bytes per weight for its fp32 master, AdamW moments and gradient: "
+                                       "24 GB for SVD-XT's 1.5 billion); attention outputs and values (to_out, "
+                                       "to_v: 0.1 billion): the official script's selective choice; encoder only: no UNet weight (works with any SVD "
                                        "fine-tune without a UNet file)."),
                 io.Float.Input("learning_rate", default=1e-5, min=0.0, max=1.0, step=1e-7,
                                tooltip="AdamW learning rate of the encoder and the UNet weights (official: 1e-5, "

@@ -125,24 +125,11 @@ def test_an_image_model_is_refused():
         Denoiser(tiny_model("sd15"), [])
 
 
-TINY_CLIP_VISION = {"attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "gelu", "hidden_size": 32,
-                    "image_size": 32, "intermediate_size": 64, "layer_norm_eps": 1e-05, "model_type": "clip_vision_model",
-                    "num_attention_heads": 2, "num_channels": 3, "num_hidden_layers": 2, "patch_size": 16,
-                    "projection_dim": host.UNET_CONFIGS["svd"]["context_dim"]}
-
-
 @pytest.fixture(scope="module")
-def clip_vision(tmp_path_factory):
-    import json
+def clip_vision():
+    from server_nodes.tiny_checkpoint import tiny_clip_vision
 
-    import comfy.clip_vision
-    from controlnext_testbed.checkpoint_files import randomise
-
-    config = tmp_path_factory.mktemp("clip_vision") / "config.json"
-    config.write_text(json.dumps(TINY_CLIP_VISION))
-    model = comfy.clip_vision.ClipVisionModel(str(config))
-    randomise(model.model, 5)
-    return model
+    return tiny_clip_vision()
 
 
 @pytest.fixture

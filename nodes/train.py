@@ -457,12 +457,7 @@ class TrainControlNeXt(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, checkpoint_name: str = "", resume: str = RESUME_CHOICES[0]) -> bool | str:
-        """Checked when the prompt is queued: a new run must not mix its checkpoints with another's."""
-        if resume not in RESUME_CHOICES:
-            return f"resume '{resume}' is not one of {', '.join(RESUME_CHOICES)}."
-        if not checkpoint_name.strip():
-            return True
-        return release_for_run_problem(checkpoint_name, resume, "checkpoint_name") or True
+        return checkpoint_inputs_check(checkpoint_name, resume)
 
     @classmethod
     def execute(cls, model, steps: int, batch_size: int, encoder_lr: float, unet_lr: float, train_unet: str,
@@ -787,6 +782,16 @@ def release_for_run_problem(name: str, resume: str, field: str) -> str | None:
         return (f"models/controlnext/{name.strip()} already has checkpoints of a run: set resume to latest to "
                 f"continue it, or choose another {field}.")
     return None
+
+
+def checkpoint_inputs_check(checkpoint_name: str, resume: str) -> bool | str:
+    """A training node's validate_inputs, checked when the prompt is queued: a new run must not mix
+    its checkpoints with another's."""
+    if resume not in RESUME_CHOICES:
+        return f"resume '{resume}' is not one of {', '.join(RESUME_CHOICES)}."
+    if not checkpoint_name.strip():
+        return True
+    return release_for_run_problem(checkpoint_name, resume, "checkpoint_name") or True
 
 
 def release_name_is_free(name: str, overwrite: bool, own_release: str = "") -> None:

@@ -22,8 +22,8 @@ from .loaders import ControlNeXtType, patch_unet_weights_from
 from .patch import model_family, model_type_name
 from .train import (CHECKPOINTS_KEPT, PRECISIONS, RESUME_CHOICES, TRAIN_CATEGORY, CheckpointPlan, ComfyDenoiser,
                     LossMapType, TrainedControlNeXt, _autocast_dtype, base_model_name, check_saves_fed_by,
-                    control_scale_for, diffusers_names, release_file_weights, release_folder,
-                    release_for_run_problem, train_on_clone)
+                    checkpoint_inputs_check, control_scale_for, diffusers_names, release_file_weights,
+                    release_folder, train_on_clone)
 from .train_data import input_subfolder, input_subfolders
 
 log = logging.getLogger("ControlNeXt")
@@ -180,11 +180,7 @@ class TrainControlNeXtSVD(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, checkpoint_name: str = "", resume: str = RESUME_CHOICES[0]) -> bool | str:
-        if resume not in RESUME_CHOICES:
-            return f"resume '{resume}' is not one of {', '.join(RESUME_CHOICES)}."
-        if not checkpoint_name.strip():
-            return True
-        return release_for_run_problem(checkpoint_name, resume, "checkpoint_name") or True
+        return checkpoint_inputs_check(checkpoint_name, resume)
 
     @classmethod
     def execute(cls, model, clip_vision, vae, folder: str, steps: int, trained: str, learning_rate: float,

@@ -187,6 +187,9 @@ def test_the_node_trains_from_clip_folders_and_its_saved_files_generate_as_it_do
 
 def test_the_node_names_bad_inputs(clips_folder, clip_vision, vae):
     model = tiny_model("svd")
+    node = video_train_nodes.TrainControlNeXtSVD
+    assert node.validate_inputs("", "sometimes") == "resume 'sometimes' is not one of no, latest, latest, new settings."
+    assert node.validate_inputs("", "no") is True
     with pytest.raises(host.core.ControlNeXtError, match="trains Stable Video Diffusion models"):
         run_node(tiny_model("sd15"), clip_vision, vae)
     with pytest.raises(host.core.ControlNeXtError, match="multiples of 64"):

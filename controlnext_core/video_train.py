@@ -30,6 +30,9 @@ SIGMA_MIN, SIGMA_MAX, SIGMA_DATA = 0.002, 700.0, 0.5
 IMAGE_D, NOISE_D_LOW, NOISE_D_HIGH = 64, 32, 64
 TRAIN_NOISE_AUGMENTATION = 0.02  # added to the reference picture before the VAE; also its time id
 FPS, MOTION_BUCKET_ID = 6, 127.0  # the added time ids besides the noise augmentation
+# The official SVD-v2 training encoder pads every embedding conv; its inference code (which the pack's
+# Apply ControlNeXt SVD follows) leaves the 2nd and 3rd unpadded. Training follows the training code.
+TRAINING_EMBEDDING_PADDING = 1
 
 
 @dataclass(frozen=True)
@@ -239,7 +242,7 @@ class VideoTrainer(Trainer):
                     else torch.autocast(device.type, enabled=False))
         with autocast:
             control = self.encoder(batch.controls.to(device).flatten(0, 1), timesteps.repeat_interleave(frames),
-                                   self.rule.embedding_padding)
+                                   TRAINING_EMBEDDING_PADDING)
             scale = self.settings.control_scale
 
             def inject(hidden: torch.Tensor) -> torch.Tensor:

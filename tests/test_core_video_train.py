@@ -156,6 +156,19 @@ def test_the_step_feeds_the_unet_the_scaled_noisy_frames_the_reference_and_the_o
     assert time_ids.flatten().tolist() == pytest.approx([6.0, 127.0, 0.02])
 
 
+def test_the_encoder_pads_as_the_official_training_encoder_does(monkeypatch):
+    """train_svd.py's ControlNeXtSDVModel pads every embedding conv (the SVD-v2 inference code, which
+    Apply ControlNeXt SVD follows, does not pad two of them)."""
+    toy, trainer = video_trainer()
+    paddings = []
+    forward = type(trainer.encoder).forward
+    monkeypatch.setattr(type(trainer.encoder), "forward",
+                        lambda self, image, timestep, inner_padding=1: paddings.append(inner_padding) or forward(
+                            self, image, timestep, inner_padding))
+    trainer.step(toy, toy_clips(1)[0])
+    assert paddings == [1] and trainer.rule.embedding_padding == 0
+
+
 @pytest.mark.parametrize("draw, embedding_kept, reference_kept", [(0.05, False, True), (0.15, False, False),
                                                                    (0.25, True, False), (0.35, True, True)])
 def test_conditioning_dropout_reaches_the_unet(draw, embedding_kept, reference_kept):

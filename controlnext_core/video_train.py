@@ -45,7 +45,7 @@ class VideoRecipe:
 
     conditioning_dropout: float = 0.1
     frames: int = 14
-    interval_frame: int = 5  # script.sh (the script's default: 2)
+    interval_frame: int = 3  # script.sh at ab4b3ac (the script's default: 2)
     width: int = 576
     height: int = 1024
     precision: str = "bf16"

@@ -133,7 +133,7 @@ class TrainControlNeXtSVD(io.ComfyNode):
                 io.Int.Input("frames", default=recipe.frames, min=2, max=64,
                              tooltip="Frames per sample (official: 14; SVD-XT generates 14 or 25)."),
                 io.Int.Input("interval_frame", default=recipe.interval_frame, min=0, max=64,
-                             tooltip="Take every Nth frame (official script: 5); shrinks for a short clip. 0: "
+                             tooltip="Take every Nth frame (official script.sh: 3); shrinks for a short clip. 0: "
                                      "drawn from 2 to 7 per sample."),
                 io.Int.Input("width", default=recipe.width, min=64, max=4096, step=64,
                              tooltip="Training width (official: 576); each sample is cut to width : height at a "

@@ -21,14 +21,12 @@ datasets, opencv and einops, and a checkout of the official repository at
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib.machinery
 import importlib.metadata
 import importlib.util
 import os
 import re
-import sys
 import types
 from dataclasses import dataclass, field
 
@@ -36,7 +34,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-OFFICIAL_PATH = os.path.expanduser(os.environ.get("CONTROLNEXT_OFFICIAL_PATH", "~/ControlNeXt-official"))
+from official_reference import OFFICIAL_PATH, load_script
+
 FOLDERS = {"sd15": "ControlNeXt-SD1.5-Training", "sdxl": "ControlNeXt-SDXL-Training"}
 DIFFUSERS_VERSION = "0.30.3"  # the version the official training code was written against
 REFERENCE_MODULES = ("transformers", "accelerate", "datasets", "cv2", "einops")  # what its scripts import
@@ -122,39 +121,8 @@ CASE_IDS = [f"{family}-{prediction}" for family, prediction, _ in CASES]
 # loading the official code
 # ------------------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _official_import_scope(folder: str):
-    """The scripts import ``models``/``pipeline``/``utils`` from their folder (the same package
-    names in both folders) and torchvision for their dataset transforms only: give them their
-    folder, and an empty torchvision where none is installed, then put everything back."""
-    shared_names = ("models", "pipeline", "utils", "torchvision")
-    saved = {name: module for name, module in sys.modules.items() if name.split(".")[0] in shared_names}
-    for name in saved:
-        del sys.modules[name]
-    if importlib.util.find_spec("torchvision") is None:
-        for name in ("torchvision", "torchvision.transforms"):
-            stub = types.ModuleType(name)
-            stub.__spec__ = importlib.machinery.ModuleSpec(name, None)
-            sys.modules[name] = stub
-        sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]
-    sys.path.insert(0, os.path.join(OFFICIAL_PATH, folder))
-    try:
-        yield
-    finally:
-        sys.path.remove(os.path.join(OFFICIAL_PATH, folder))
-        for name in [name for name in sys.modules if name.split(".")[0] in shared_names]:
-            del sys.modules[name]
-        sys.modules.update(saved)
-
-
 def _load_script(family: str) -> types.ModuleType:
-    folder = FOLDERS[family]
-    with _official_import_scope(folder):
-        spec = importlib.util.spec_from_file_location(f"official_{family}_train",
-                                                      os.path.join(OFFICIAL_PATH, folder, "train_controlnext.py"))
-        script = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(script)
-    return script
+    return load_script(FOLDERS[family], "train_controlnext.py", f"official_{family}_train")
 
 
 @pytest.fixture(scope="module")

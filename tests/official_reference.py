@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.machinery
+import importlib.metadata
 import importlib.util
 import os
 import sys
@@ -12,6 +13,22 @@ import types
 OFFICIAL_PATH = os.path.expanduser(os.environ.get("CONTROLNEXT_OFFICIAL_PATH", "~/ControlNeXt-official"))
 # What the scripts import only for their data loaders: an empty module where it is not installed.
 DATA_ONLY_MODULES = ("torchvision", "torchvision.transforms", "decord")
+
+
+def missing_reference(diffusers_version: str, modules: tuple[str, ...], scripts: list[str]) -> str | None:
+    """What this environment lacks to run official scripts (paths under the checkout), or None."""
+    try:
+        found = importlib.metadata.version("diffusers")
+    except importlib.metadata.PackageNotFoundError:
+        found = None
+    if found != diffusers_version:
+        return f"diffusers {diffusers_version} (found {found or 'none'})"
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        return ", ".join(missing)
+    if not all(os.path.isfile(os.path.join(OFFICIAL_PATH, script)) for script in scripts):
+        return f"official checkout at {OFFICIAL_PATH} (set CONTROLNEXT_OFFICIAL_PATH)"
+    return None
 
 
 def _unavailable(module: str):

@@ -28,8 +28,6 @@ accelerate, einops, imageio and opencv, and a checkout of the official repositor
 """
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import os
 import sys
 from types import SimpleNamespace
@@ -39,29 +37,14 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from official_reference import OFFICIAL_PATH, load_script
+from official_reference import load_script, missing_reference
 
 FOLDER = "ControlNeXt-SVD-v2-Training"
 DIFFUSERS_VERSION = "0.25.1"
 REFERENCE_MODULES = ("transformers", "accelerate", "einops", "imageio", "cv2")
 
 
-def _missing_reference() -> str | None:
-    try:
-        found = importlib.metadata.version("diffusers")
-    except importlib.metadata.PackageNotFoundError:
-        found = None
-    if found != DIFFUSERS_VERSION:
-        return f"diffusers {DIFFUSERS_VERSION} (found {found or 'none'})"
-    missing = [name for name in REFERENCE_MODULES if importlib.util.find_spec(name) is None]
-    if missing:
-        return ", ".join(missing)
-    if not os.path.isfile(os.path.join(OFFICIAL_PATH, FOLDER, "train_svd.py")):
-        return f"official checkout at {OFFICIAL_PATH} (set CONTROLNEXT_OFFICIAL_PATH)"
-    return None
-
-
-MISSING = _missing_reference()
+MISSING = missing_reference(DIFFUSERS_VERSION, REFERENCE_MODULES, [os.path.join(FOLDER, "train_svd.py")])
 if MISSING:
     pytest.skip(f"official SVD-v2 training parity needs its reference environment, here no {MISSING} "
                 f"(README, 'Agreement with the official training code')", allow_module_level=True)

@@ -22,9 +22,6 @@ datasets, opencv and einops, and a checkout of the official repository at
 from __future__ import annotations
 
 import copy
-import importlib.machinery
-import importlib.metadata
-import importlib.util
 import os
 import re
 import types
@@ -34,30 +31,15 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from official_reference import OFFICIAL_PATH, load_script
+from official_reference import load_script, missing_reference
 
 FOLDERS = {"sd15": "ControlNeXt-SD1.5-Training", "sdxl": "ControlNeXt-SDXL-Training"}
 DIFFUSERS_VERSION = "0.30.3"  # the version the official training code was written against
 REFERENCE_MODULES = ("transformers", "accelerate", "datasets", "cv2", "einops")  # what its scripts import
 
 
-def _missing_reference() -> str | None:
-    try:
-        diffusers_version = importlib.metadata.version("diffusers")
-    except importlib.metadata.PackageNotFoundError:
-        diffusers_version = None
-    if diffusers_version != DIFFUSERS_VERSION:
-        return f"diffusers {DIFFUSERS_VERSION} (found {diffusers_version or 'none'})"
-    missing = [name for name in REFERENCE_MODULES if importlib.util.find_spec(name) is None]
-    if missing:
-        return ", ".join(missing)
-    scripts = [os.path.join(OFFICIAL_PATH, folder, "train_controlnext.py") for folder in FOLDERS.values()]
-    if not all(os.path.isfile(script) for script in scripts):
-        return f"official checkout at {OFFICIAL_PATH} (set CONTROLNEXT_OFFICIAL_PATH)"
-    return None
-
-
-MISSING = _missing_reference()
+MISSING = missing_reference(DIFFUSERS_VERSION, REFERENCE_MODULES,
+                            [os.path.join(folder, "train_controlnext.py") for folder in FOLDERS.values()])
 if MISSING:
     pytest.skip(f"official training parity needs the reference environment, here no {MISSING} "
                 f"(README, 'Agreement with the official training code')", allow_module_level=True)

@@ -201,6 +201,28 @@ def sample_clip(video: FrameSource, guide: FrameSource, detections: Sequence[dic
     return ClipSample(pixels, poses, pixels[0].clone(), loss_weights(masks))
 
 
+def clip_problems(clips: Sequence[ClipFiles], frames: int, guide_slack: int = 0) -> list[str]:
+    """What makes clips unusable before any training: unreadable frames or poses, fewer frames than a
+    sample takes, pose counts or sizes that differ from the frames' (each named; the first frames
+    only are decoded)."""
+    problems = []
+    for clip in clips:
+        try:
+            video, guide = frame_source(clip.video), frame_source(clip.guide)
+        except ControlNeXtError as error:
+            problems.append(str(error))
+            continue
+        if min(len(video), len(guide)) < frames:
+            problems.append(f"{clip.video}: {min(len(video), len(guide))} frames, fewer than the {frames} a sample takes")
+        if abs(len(video) - len(guide)) > guide_slack:
+            problems.append(f"{clip.video}: {len(video)} frames but {len(guide)} poses in {clip.guide}")
+        first_frame, first_pose = video.read(0).shape, guide.read(0).shape
+        if first_frame != first_pose:
+            problems.append(f"{clip.video}: frames {first_frame[1]}x{first_frame[0]} but poses "
+                            f"{first_pose[1]}x{first_pose[0]} (draw the poses on the frames' canvas)")
+    return problems
+
+
 def _frames(arrays: list[np.ndarray], name: str) -> torch.Tensor:
     if len({array.shape for array in arrays}) != 1:
         raise ControlNeXtError(f"The frames of {name} differ in size: give frames of one size.")

@@ -23,7 +23,7 @@ from .encoders import ConditionEncoder
 from .errors import ControlNeXtError
 from .processes import Processes
 from .train import Trainer, TrainingSettings
-from .video_dataset import ClipFiles, frame_source, read_detections, sample_clip
+from .video_dataset import ClipFiles, clip_problems, frame_source, read_detections, sample_clip
 
 # the script's constants
 SIGMA_MIN, SIGMA_MAX, SIGMA_DATA = 0.002, 700.0, 0.5
@@ -173,11 +173,17 @@ class ClipSource:
     ``VideoTrainer.next_batches`` for the whole global batch, so every process and a resumed run
     draw the same samples), its frames through ``encode_frames`` ([F, 3, H, W] in [-1, 1] -> the
     scaled latents [F, 4, h, w]) and its reference frame through ``embed_image`` ([3, H, W] in
-    [-1, 1] -> [1, D]). The files are opened per sample: a data set may hold thousands of clips."""
+    [-1, 1] -> [1, D]). Every clip is checked first (``clip_problems``); the files are opened per
+    sample: a data set may hold thousands of clips."""
 
     def __init__(self, clips: Sequence[ClipFiles], sampling: ClipSampling,
                  encode_frames: Callable[[torch.Tensor], torch.Tensor],
                  embed_image: Callable[[torch.Tensor], torch.Tensor]):
+        problems = clip_problems(clips, sampling.frames, sampling.guide_slack)
+        if problems:
+            shown = "\n".join(f"- {problem}" for problem in problems[:20])
+            raise ControlNeXtError(f"{len(problems)} problem(s) with the clips, found before training; mend them "
+                                   f"and run again:\n{shown}")
         self.clips, self.sampling = list(clips), sampling
         self.encode_frames, self.embed_image = encode_frames, embed_image
         self.count = len(self.clips)

@@ -156,3 +156,21 @@ def test_clip_folders_are_read_and_every_problem_listed(tmp_path):
     (tmp_path / "a" / "hands.json").write_text('{"hands_boxes": []}')
     with pytest.raises(cn.ControlNeXtError, match="not a list of per-frame detections"):
         vd.read_detections(str(tmp_path / "a" / "hands.json"))
+
+
+def test_every_unusable_clip_is_named_before_training(tmp_path):
+    write_frames(tmp_path / "good" / "frames", 8)
+    write_frames(tmp_path / "good" / "poses", 8)
+    write_frames(tmp_path / "short" / "frames", 3)
+    write_frames(tmp_path / "short" / "poses", 3)
+    write_frames(tmp_path / "uneven" / "frames", 8)
+    write_frames(tmp_path / "uneven" / "poses", 7)
+    write_frames(tmp_path / "small" / "frames", 8)
+    write_frames(tmp_path / "small" / "poses", 8, width=24, height=16)
+    clips = vd.read_clip_folders(str(tmp_path))
+    problems = vd.clip_problems(clips, frames=4)
+    assert len(problems) == 3
+    assert "short/frames: 3 frames, fewer than the 4 a sample takes" in problems[0]
+    assert "small/frames: frames 48x32 but poses 24x16" in problems[1]
+    assert "uneven/frames: 8 frames but 7 poses in" in problems[2]
+    assert vd.clip_problems(clips[3:], frames=4, guide_slack=24) == []  # the official data allows 24 frames

@@ -548,12 +548,7 @@ def train_controlnext(model, steps: int, batch_size: int, encoder_lr: float, une
                                                                       "controlnext_validation", label))
     run = train(model, family, pictures, empty, settings, encoder, gradient_checkpointing,
                 _autocast_dtype(precision, model), alphas_cumprod, node_id, plan, validation, hooks_class or ComfyHooks)
-    name = f"trained ControlNeXt ({family}, {run.trainer.steps_done} steps)"
-    file_weights = release_file_weights(run.unet_file_weights, diffusers_names(model))
-    metadata = release_metadata(family, settings.control_scale, run.trainer.steps_done, base_model)
-    trained = TrainedControlNeXt(name, run.trainer.finish(), file_weights, metadata, plan.folder if plan else "")
-    patched = (patch_unet_weights_from(model, file_weights, name, 1.0, OFFICIAL_MODE[family]) if file_weights
-               else model.clone())
+    trained, patched = trained_outputs(model, family, run, base_model, plan)
     message = " ".join(part for part in (
         data_note, run.message, loss_summary(run.trainer.losses) + ".", f"{prediction} target; {recipe_text(settings)}.",
         scale_note) if part)
@@ -564,6 +559,20 @@ def train_controlnext(model, steps: int, batch_size: int, encoder_lr: float, une
         ui["controlnext_info"] = [message]
     log.info("ControlNeXt training: %s", message)
     return io.NodeOutput(trained, patched, {"loss": list(run.trainer.losses)}, ui=ui)
+
+
+def trained_outputs(model, family: str, run: "TrainingRun", base_model: str,
+                    plan: "CheckpointPlan | None") -> tuple["TrainedControlNeXt", object]:
+    """A training node's CONTROLNEXT (the finished encoder with its release's UNet weights) and the
+    MODEL with those weights as patches (a clone where none were trained)."""
+    trainer = run.trainer
+    name = f"trained ControlNeXt ({family}, {trainer.steps_done} steps)"
+    file_weights = release_file_weights(run.unet_file_weights, diffusers_names(model))
+    metadata = release_metadata(family, trainer.settings.control_scale, trainer.steps_done, base_model)
+    trained = TrainedControlNeXt(name, trainer.finish(), file_weights, metadata, plan.folder if plan else "")
+    patched = (patch_unet_weights_from(model, file_weights, name, 1.0, OFFICIAL_MODE[family]) if file_weights
+               else model.clone())
+    return trained, patched
 
 
 class CheckpointPlan:

@@ -12,18 +12,16 @@ from comfy_api.latest import io
 
 from ..controlnext_core import ControlNeXtError
 from ..controlnext_core.processes import Processes
-from ..controlnext_core.train import (TRAIN_LAYOUT, TrainingSettings, loss_summary, new_encoder, release_metadata,
-                                      trainable_copy, trainable_unet_names)
-from ..controlnext_core.unet_weights import OFFICIAL_MODE
+from ..controlnext_core.train import (TRAIN_LAYOUT, TrainingSettings, loss_summary, new_encoder, trainable_copy,
+                                      trainable_unet_names)
 from ..controlnext_core.video_dataset import read_clip_folders
 from ..controlnext_core.video_train import (OFFICIAL_VIDEO_RECIPE, VIDEO_TRAINED_SETS, ClipSampling, ClipSource,
                                             VideoTrainer)
-from .loaders import ControlNeXtType, patch_unet_weights_from
+from .loaders import ControlNeXtType
 from .patch import model_family, model_type_name
 from .train import (CHECKPOINTS_KEPT, PRECISIONS, RESUME_CHOICES, TRAIN_CATEGORY, CheckpointPlan, ComfyDenoiser,
-                    LossMapType, TrainedControlNeXt, _autocast_dtype, base_model_name, check_saves_fed_by,
-                    checkpoint_inputs_check, control_scale_for, diffusers_names, release_file_weights,
-                    release_folder, train_on_clone)
+                    LossMapType, _autocast_dtype, base_model_name, check_saves_fed_by, checkpoint_inputs_check,
+                    control_scale_for, diffusers_names, release_folder, train_on_clone, trained_outputs)
 from .train_data import input_subfolder, input_subfolders
 
 log = logging.getLogger("ControlNeXt")
@@ -231,12 +229,7 @@ def train_controlnext_svd(model, clip_vision, vae, folder: str, steps: int, trai
         denoiser, lambda base: VideoTrainer(encoder, base, settings, reference_encoder(vae), device,
                                             Processes.joined(), conditioning_dropout),
         source, None, settings, gradient_checkpointing, _autocast_dtype(precision, model), node_id, plan)
-    name = f"trained ControlNeXt (svd, {run.trainer.steps_done} steps)"
-    file_weights = release_file_weights(run.unet_file_weights, diffusers_names(model))
-    metadata = release_metadata("svd", settings.control_scale, run.trainer.steps_done, base_model)
-    trained_file = TrainedControlNeXt(name, run.trainer.finish(), file_weights, metadata, plan.folder if plan else "")
-    patched = (patch_unet_weights_from(model, file_weights, name, 1.0, OFFICIAL_MODE["svd"]) if file_weights
-               else model.clone())
+    trained_file, patched = trained_outputs(model, "svd", run, base_model, plan)
     message = " ".join(part for part in (
         f"{len(clips)} clips.", run.message, loss_summary(run.trainer.losses) + ".",
         f"adamw, lr {learning_rate:g}, trained: {trained}.", scale_note) if part)

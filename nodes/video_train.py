@@ -78,11 +78,8 @@ def frames_encoder(vae, model) -> Callable[[torch.Tensor], torch.Tensor]:
     """A clip's frames ([F, 3, H, W] in [-1, 1]) as the SVD model's latents (the VAE's mode, scaled as
     ComfyUI scales sampled latents; the official script samples the distribution, whose spread the
     SD VAE keeps near 0)."""
-    latent_format = model.model.latent_format
-
-    def encode(pixels: torch.Tensor) -> torch.Tensor:
-        return latent_format.process_in(vae.encode(((pixels + 1) / 2).movedim(1, -1)))
-    return encode
+    encode, latent_format = reference_encoder(vae), model.model.latent_format
+    return lambda pixels: latent_format.process_in(encode(pixels))
 
 
 def image_embedder(clip_vision) -> Callable[[torch.Tensor], torch.Tensor]:

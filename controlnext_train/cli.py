@@ -2,7 +2,9 @@
 
 Train ControlNeXt's run without the editor: the same loop, data cache, checkpoints, release files and
 validation samples as the node (nodes/train.py ``train_controlnext``), with ComfyUI used as a library
-to load the checkpoint. The flags carry the official training scripts' names where the meaning is the
+to load the checkpoint. An SVD checkpoint trains a ControlNeXt-SVD-v2 from clips as Train ControlNeXt
+SVD does (nodes/video_train.py ``train_controlnext_svd``): a folder of clip folders, or the official
+meta-info file. The flags carry the official training scripts' names where the meaning is the
 same. Under torchrun or ``accelerate launch`` every process trains its share of each global batch
 (``--train_batch_size`` pictures each); the first process alone builds the cache and writes files.
 """
@@ -19,6 +21,11 @@ import threading
 import time
 
 PROG = "controlnext-train"
+# --train_unet for SVD: the video node's trained sets (controlnext_core.video_train.VIDEO_TRAINED_SETS)
+TRAIN_UNET_SVD = {"official": "all", "attention": "attention outputs and values", "none": "encoder only"}
+# the official SVD-v2 recipe (controlnext_core.video_train.OFFICIAL_VIDEO_RECIPE; not imported here:
+# the pack's modules load only after ComfyUI is found)
+OFFICIAL_FRAMES, OFFICIAL_INTERVAL, OFFICIAL_WIDTH, OFFICIAL_HEIGHT = 14, 3, 576, 1024
 PRECISIONS = {"no": "fp32", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "auto": "auto"}
 log = logging.getLogger("ControlNeXt")
 
@@ -26,21 +33,25 @@ log = logging.getLogger("ControlNeXt")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Train a ControlNeXt (SD1.5 or SDXL) from a folder of pictures, as the node Train ControlNeXt "
-                    "does, on one process or under torchrun / accelerate launch. Writes the release "
+        description="Train a ControlNeXt from a folder of pictures (SD1.5, SDXL: as the node Train ControlNeXt does) "
+                    "or of clips (SVD-v2 pose, as the official train_svd.py and the node Train ControlNeXt SVD), on "
+                    "one process or under torchrun / accelerate launch. Writes the release "
                     "(controlnet.safetensors, unet.safetensors) into --output_dir, checkpoints into its checkpoints/ "
                     "folder and validation samples into its validation/ folder.")
     model = parser.add_argument_group("model")
     model.add_argument("--pretrained_model_name_or_path", metavar="CHECKPOINT",
-                       help="the SD1.5 or SDXL checkpoint file to train for (a path, or a name in ComfyUI's "
-                            "models/checkpoints); required")
+                       help="the SD1.5, SDXL or SVD checkpoint file to train for (a path, or a name in ComfyUI's "
+                            "models/checkpoints; SVD-v2: SVD-XT 1.1 with its CLIP vision and VAE); required")
     model.add_argument("--controlnet_model_name_or_path", metavar="FILE",
                        help="continue training this ControlNeXt encoder file (a 'base' layout file) instead of a new one")
     model.add_argument("--comfyui", metavar="PATH",
                        help="the ComfyUI folder to load models with; default: COMFYUI_PATH, or the ComfyUI whose "
                             "custom_nodes holds this pack")
     data = parser.add_argument_group("data (read as Load Training Data reads a folder)")
-    data.add_argument("--train_data_dir", metavar="DIR", help="the folder of training pairs; required")
+    data.add_argument("--train_data_dir", metavar="DIR",
+                      help="the folder of training pairs; SVD: of clips, a subfolder each with frames/ (or "
+                           "video.mp4), poses/ (or poses.mp4) and optionally hands.json; required, but for SVD with "
+                           "--meta_info_path")
     data.add_argument("--layout", default="auto", choices=("auto", "folders", "metadata", "pictures"),
                       help="folders: controls of the same names in --control_folder, captions in caption files; "
                            "metadata: a metadata.jsonl/.csv/.parquet naming picture, control and caption; pictures: "
@@ -56,6 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
                       help="metadata layout: the control picture column")
     data.add_argument("--caption_column", default="text", help="metadata layout: the caption column")
     data.add_argument("--resolution", type=int, default=512, help="training size (SD1.5: 512, SDXL: 1024)")
+    video = parser.add_argument_group("video (SVD checkpoints: the official train_svd.py's flags)")
+    video.add_argument("--meta_info_path", metavar="JSON",
+                       help="the official meta-info file (a list of video_path, guide_path, meta_info; paths "
+                            "relative to it) instead of --train_data_dir")
+    video.add_argument("--sample_n_frames", type=int, default=OFFICIAL_FRAMES, help="frames per sample")
+    video.add_argument("--interval_frame", type=int, default=OFFICIAL_INTERVAL,
+                       help="take every Nth frame (0: drawn from 2 to 7 per sample)")
+    video.add_argument("--width", type=int, default=OFFICIAL_WIDTH, help="training width (multiple of 64)")
+    video.add_argument("--height", type=int, default=OFFICIAL_HEIGHT, help="training height (multiple of 64)")
+    video.add_argument("--conditioning_dropout_prob", type=float, default=0.1,
+                       help="share of samples without the reference embedding (2x this) or latents (2x this, "
+                            "overlapping)")
     training = parser.add_argument_group("training")
     training.add_argument("--max_train_steps", type=int, default=400, help="optimiser steps")
     training.add_argument("--train_batch_size", type=int, default=1,
@@ -66,12 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--optimizer", default="official", choices=("official", "adamw", "adafactor"),
                           help="official: the family's whole official recipe (learning rates, warm-up, clipping), "
                                "whatever --learning_rate, --learning_rate_controlnet and --lr_warmup_steps say")
-    training.add_argument("--learning_rate", type=float, default=1e-5, help="the trained UNet weights' learning rate")
+    training.add_argument("--learning_rate", type=float, default=1e-5,
+                          help="the trained UNet weights' learning rate (SVD: the encoder's too, AdamW)")
     training.add_argument("--learning_rate_controlnet", type=float, default=1e-4, help="the encoder's learning rate")
     training.add_argument("--lr_warmup_steps", type=int, default=0, help="linear learning-rate warm-up steps")
-    training.add_argument("--train_unet", default="official", choices=("official", "none"),
-                          help="official: the official scripts' UNet subset (SD1.5 attention outputs, SDXL "
-                               "cross-attention outputs); none: the encoder only")
+    training.add_argument("--train_unet", default="official", choices=tuple(TRAIN_UNET_SVD),
+                          help="official: the official scripts' UNet weights (SD1.5 attention outputs, SDXL "
+                               "cross-attention outputs, SVD every weight); attention: SVD's attention outputs and "
+                               "values (train_svd.py's selective choice); none: the encoder only")
     training.add_argument("--controlnext_scale", "--controlnet_scale_factor", dest="controlnext_scale", type=float,
                           default=0.0, help="the control scale trained at and saved in the file (official SD1.5 "
                                             "examples: 0.35); 0: the continued file's, or 1.0")
@@ -135,14 +160,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          f"names without the dashes: {PROG} --help)")
         parser.set_defaults(**config)
         first = parser.parse_args(argv)
-    missing = [f"--{name}" for name in REQUIRED if not getattr(first, name)]
+    missing = [f"--{name}" for name in REQUIRED if not getattr(first, name)
+               and not (name == "train_data_dir" and first.meta_info_path)]
     if missing:
         parser.error(f"the following arguments are required: {', '.join(missing)}")
     if first.validation_prompt and not first.validation_image:
         parser.error("--validation_prompt needs --validation_image (the controls to sample)")
-    if first.validation_image and len(first.validation_prompt) not in (1, len(first.validation_image)):
+    if first.validation_image and len(first.validation_prompt) not in (0, 1, len(first.validation_image)):
         parser.error(f"{len(first.validation_prompt)} validation prompts for {len(first.validation_image)} validation "
-                     f"images: give one prompt, or one per image")
+                     f"images: give none (the empty prompt), one, or one per image")
     for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "validation_steps",
                  "checkpoints_total_limit"):
         if getattr(first, name) < 1:
@@ -330,24 +356,31 @@ def checkpoint_file(name: str) -> str:
 
 
 def load_checkpoint(path: str):
-    """(MODEL, CLIP, VAE) as ComfyUI's Load Checkpoint gives them."""
+    """(MODEL, CLIP, VAE, CLIP_VISION) as ComfyUI's Load Checkpoint (SD1.5, SDXL) or Image Only
+    Checkpoint Loader (SVD) gives them."""
     import comfy.sd
     import folder_paths
 
     from controlnext_testbed import comfy_library
 
+    error_class = comfy_library.pack("controlnext_core").ControlNeXtError
     try:
-        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
-            path, output_vae=True, output_clip=True, embedding_directory=folder_paths.get_folder_paths("embeddings"))
+        model, clip, vae, clip_vision = comfy.sd.load_checkpoint_guess_config(
+            path, output_vae=True, output_clip=True, output_clipvision=True,
+            embedding_directory=folder_paths.get_folder_paths("embeddings"))
     except Exception as error:  # ComfyUI raises RuntimeError for a file of no known model, others for broken files
-        raise comfy_library.pack("controlnext_core").ControlNeXtError(
+        raise error_class(
             f"{path} is not a checkpoint ComfyUI can load ({type(error).__name__}: {str(error).splitlines()[0]}): give "
-            f"an SD1.5 or SDXL checkpoint file with its text encoder and VAE.") from None
-    if clip is None or vae is None:
-        raise comfy_library.pack("controlnext_core").ControlNeXtError(
-            f"{path} holds no {'text encoder' if clip is None else 'VAE'}: training encodes the captions and pictures "
-            f"with the checkpoint's own; give a full SD1.5 or SDXL checkpoint.")
-    return model, clip, vae
+            f"an SD1.5 or SDXL checkpoint file with its text encoder and VAE, or an SVD one with its CLIP vision and "
+            f"VAE.") from None
+    video = comfy_library.pack("nodes.patch").model_family(model.model) == "svd"
+    missing = ("VAE" if vae is None else "CLIP vision model" if video and clip_vision is None
+               else "text encoder" if not video and clip is None else None)
+    if missing:
+        raise error_class(
+            f"{path} holds no {missing}: training encodes the {'clips' if video else 'captions and pictures'} with "
+            f"the checkpoint's own; give a full {'SVD (SVD-XT 1.1)' if video else 'SD1.5 or SDXL'} checkpoint.")
+    return model, clip, vae, clip_vision
 
 
 def check_output_dir(args, core) -> str:
@@ -379,18 +412,21 @@ def train(args, launch: Launch, stop: StopRequest) -> int:
     train_nodes = comfy_library.pack("nodes.train")
     data_nodes = comfy_library.pack("nodes.train_data")
     output_dir = check_output_dir(args, core)
+    checkpoint = checkpoint_file(args.pretrained_model_name_or_path)
+    model, clip, vae, clip_vision = load_checkpoint(checkpoint)
+    if comfy_library.pack("nodes.patch").model_family(model.model) == "svd":
+        return train_video(args, launch, stop, model, clip_vision, vae, checkpoint, output_dir)
+    if args.meta_info_path:
+        raise core.ControlNeXtError(f"--meta_info_path is the official SVD-v2 clips' file; {checkpoint} is not an SVD "
+                                    f"checkpoint: give the pictures with --train_data_dir.")
     data, data_text = data_nodes.training_data(
         os.path.abspath(args.train_data_dir), args.train_data_dir, args.layout, args.resolution, args.control_folder,
         args.caption_extension, args.default_caption, args.make_controls, args.image_column,
         args.conditioning_image_column, args.caption_column)
     log.info("%s.", data_text)
-    checkpoint = checkpoint_file(args.pretrained_model_name_or_path)
-    model, clip, vae = load_checkpoint(checkpoint)
-    controlnext = None
-    if args.controlnet_model_name_or_path:
-        encoder, metadata = core.load_encoder_file(os.path.abspath(args.controlnet_model_name_or_path))
-        controlnext = comfy_library.pack("nodes.patch").ControlNeXtFile(
-            os.path.basename(args.controlnet_model_name_or_path), encoder, metadata)
+    if args.train_unet == "attention":
+        raise core.ControlNeXtError("--train_unet attention is SVD's selective set; for SD1.5 and SDXL choose "
+                                    "official (the official scripts' subset) or none.")
     validation = {}
     if args.validation_image:
         encode = data_nodes.encode_text
@@ -400,17 +436,56 @@ def train(args, launch: Launch, stop: StopRequest) -> int:
             "validation_negative": (encode(clip, args.validation_negative_prompt)
                                     if args.validation_negative_prompt is not None else None),
             "validation_every": args.validation_steps}
-    resume = args.resume_from_checkpoint or "no"
-    if resume not in ("no", "latest"):
-        resume = os.path.abspath(resume)
-    precision = args.mixed_precision or launch.accelerate_precision or "auto"
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        log.warning("A DeepSpeed config was given: the processes train data-parallel (gradients summed over them), not "
-                    "with ZeRO. The trained weights are small beside the frozen UNet (SD1.5 28 M, SDXL 106 M): ZeRO-2 "
-                    "would save at most about 1 GB per GPU here.")
+    warn_of_deepspeed("The trained weights are small beside the frozen UNet (SD1.5 28 M, SDXL 106 M): ZeRO-2 would "
+                      "save at most about 1 GB per GPU here.")
     report = StepReport(args.report_json, launch.rank)
+    output = train_nodes.train_controlnext(
+        model, steps=args.max_train_steps, batch_size=args.train_batch_size, encoder_lr=args.learning_rate_controlnet,
+        unet_lr=args.learning_rate, train_unet="none" if args.train_unet == "none" else "official subset",
+        optimizer=args.optimizer, warmup_steps=args.lr_warmup_steps, control_scale=args.controlnext_scale,
+        proportion_empty_prompts=args.proportion_empty_prompts, seed=args.seed,
+        gradient_checkpointing=args.gradient_checkpointing, precision=PRECISIONS[compute_precision(args, launch)],
+        controlnext=continued_encoder(args), clip=clip, data=data, vae=vae,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, checkpoint_every=args.checkpointing_steps, resume=resume_choice(args), base_model=os.path.basename(checkpoint),
+        release=output_dir, checkpoints_kept=args.checkpoints_total_limit,
+        validation_folder=os.path.abspath(args.validation_dir or os.path.join(output_dir, "validation")),
+        cache_wait_s=args.cache_timeout * 60, hooks_class=command_hooks(args, stop, report), **validation)
+    return finish(output, launch, report, output_dir)
 
-    class CommandHooks(train_nodes.ComfyHooks):
+
+def compute_precision(args, launch: Launch) -> str:
+    return args.mixed_precision or launch.accelerate_precision or "auto"
+
+
+def warn_of_deepspeed(cost: str) -> None:
+    """accelerate launch with a DeepSpeed config runs this command data-parallel, not sharded."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        log.warning("A DeepSpeed config was given: the processes train data-parallel (gradients summed over them), "
+                    "not with ZeRO. %s", cost)
+
+
+def continued_encoder(args):
+    """The ControlNeXt file --controlnet_model_name_or_path continues, as Load ControlNeXt gives it."""
+    if not args.controlnet_model_name_or_path:
+        return None
+    from controlnext_testbed import comfy_library
+
+    path = os.path.abspath(args.controlnet_model_name_or_path)
+    encoder, metadata = comfy_library.pack("controlnext_core").load_encoder_file(path)
+    return comfy_library.pack("nodes.patch").ControlNeXtFile(os.path.basename(path), encoder, metadata)
+
+
+def resume_choice(args) -> str:
+    """--resume_from_checkpoint as the training's resume: no, latest, or a checkpoint folder."""
+    resume = args.resume_from_checkpoint or "no"
+    return resume if resume in ("no", "latest") else os.path.abspath(resume)
+
+
+def command_hooks(args, stop: StopRequest, report: StepReport) -> type:
+    """The training hooks of a ComfyUI server, with the command's own Cancel (a signal) and progress."""
+    from controlnext_testbed import comfy_library
+
+    class CommandHooks(comfy_library.pack("nodes.train").ComfyHooks):
         def cancel_requested(self, steps_done: int, steps: int) -> bool:
             return stop.event.is_set()
 
@@ -419,17 +494,13 @@ def train(args, launch: Launch, stop: StopRequest) -> int:
             if args.progress_lines and trainer.processes.writes:
                 print(f"step {trainer.steps_done}/{trainer.settings.steps} loss {loss:.6f}", flush=True)
 
-    output = train_nodes.train_controlnext(
-        model, steps=args.max_train_steps, batch_size=args.train_batch_size, encoder_lr=args.learning_rate_controlnet,
-        unet_lr=args.learning_rate, train_unet="none" if args.train_unet == "none" else "official subset",
-        optimizer=args.optimizer, warmup_steps=args.lr_warmup_steps, control_scale=args.controlnext_scale,
-        proportion_empty_prompts=args.proportion_empty_prompts, seed=args.seed,
-        gradient_checkpointing=args.gradient_checkpointing, precision=PRECISIONS[precision], controlnext=controlnext,
-        clip=clip, data=data, vae=vae, gradient_accumulation_steps=args.gradient_accumulation_steps,
-        checkpoint_every=args.checkpointing_steps, resume=resume, base_model=os.path.basename(checkpoint),
-        release=output_dir, checkpoints_kept=args.checkpoints_total_limit,
-        validation_folder=os.path.abspath(args.validation_dir or os.path.join(output_dir, "validation")), cache_wait_s=args.cache_timeout * 60,
-        hooks_class=CommandHooks, **validation)
+    return CommandHooks
+
+
+def finish(output, launch: Launch, report: StepReport, output_dir: str) -> int:
+    """The run's report, and its release files written by the first process."""
+    from controlnext_testbed import comfy_library
+
     report.write()
     trained = output.args[0]
     if launch.rank == 0:
@@ -437,3 +508,43 @@ def train(args, launch: Launch, stop: StopRequest) -> int:
             output_dir, trained.encoder, trained.unet_file_weights, trained.metadata, overwrite=True)
         print(f"Saved {', '.join(paths)}", flush=True)
     return 0
+
+
+def train_video(args, launch: Launch, stop: StopRequest, model, clip_vision, vae, checkpoint: str,
+                output_dir: str) -> int:
+    """An SVD checkpoint: the SVD-v2 pose training of Train ControlNeXt SVD, from a folder of clip
+    folders or the official meta-info file."""
+    from controlnext_testbed import comfy_library
+
+    core = comfy_library.pack("controlnext_core")
+    video_data = comfy_library.pack("controlnext_core.video_dataset")
+    not_for_video = [flag for flag, given in (
+        ("--validation_image", args.validation_image), ("--optimizer adafactor", args.optimizer == "adafactor"))
+        if given]
+    if not_for_video:
+        raise core.ControlNeXtError(f"{', '.join(not_for_video)}: not for SVD training (AdamW, no validation "
+                                    f"samples yet): leave it out.")
+    if args.meta_info_path and args.train_data_dir:
+        raise core.ControlNeXtError("Give the clips once: --meta_info_path (the official file) or --train_data_dir "
+                                    "(a folder of clip folders), not both.")
+    if args.meta_info_path:
+        clips, label = video_data.read_meta_info(os.path.abspath(args.meta_info_path)), args.meta_info_path
+    else:
+        clips, label = video_data.read_clip_folders(os.path.abspath(args.train_data_dir)), args.train_data_dir
+    log.info("%d clips in %s.", len(clips), label)
+    warn_of_deepspeed("Each process keeps its own fp32 masters, AdamW moments and gradients of the trained weights: "
+                      "16 bytes a weight, 24 GB for every SVD-XT weight (--train_unet official), 1.6 GB for the "
+                      "attention outputs and values (--train_unet attention), which ZeRO-2 would have split.")
+    report = StepReport(args.report_json, launch.rank)
+    output = comfy_library.pack("nodes.video_train").train_controlnext_svd(
+        model, clip_vision, vae, clips, label, steps=args.max_train_steps, trained=TRAIN_UNET_SVD[args.train_unet],
+        learning_rate=args.learning_rate, frames=args.sample_n_frames, interval_frame=args.interval_frame,
+        width=args.width, height=args.height, batch_size=args.train_batch_size,
+        conditioning_dropout=args.conditioning_dropout_prob, control_scale=args.controlnext_scale, seed=args.seed,
+        gradient_checkpointing=args.gradient_checkpointing,
+        precision=PRECISIONS[compute_precision(args, launch)], controlnext=continued_encoder(args),
+        checkpoint_every=args.checkpointing_steps, resume=resume_choice(args), base_model=os.path.basename(checkpoint),
+        gradient_accumulation_steps=args.gradient_accumulation_steps, official_data=bool(args.meta_info_path),
+        release=output_dir, checkpoints_kept=args.checkpoints_total_limit,
+        hooks_class=command_hooks(args, stop, report))
+    return finish(output, launch, report, output_dir)

@@ -14,13 +14,13 @@ from ..controlnext_core import ControlNeXtError
 from ..controlnext_core.processes import Processes
 from ..controlnext_core.train import (TRAIN_LAYOUT, TrainingSettings, loss_summary, new_encoder, trainable_copy,
                                       trainable_unet_names)
-from ..controlnext_core.video_dataset import read_clip_folders
+from ..controlnext_core.video_dataset import OFFICIAL_GUIDE_SLACK, ClipFiles, read_clip_folders
 from ..controlnext_core.video_train import (OFFICIAL_VIDEO_RECIPE, VIDEO_TRAINED_SETS, ClipSampling, ClipSource,
                                             VideoTrainer)
 from .loaders import ControlNeXtType
 from .patch import model_family, model_type_name
 from .train import (CHECKPOINTS_KEPT, PRECISIONS, RESUME_CHOICES, TRAIN_CATEGORY, CheckpointPlan, ComfyDenoiser,
-                    LossMapType, _autocast_dtype, base_model_name, check_saves_fed_by, checkpoint_inputs_check,
+                    ComfyHooks, LossMapType, _autocast_dtype, base_model_name, check_saves_fed_by, checkpoint_inputs_check,
                     control_scale_for, diffusers_names, release_folder, train_on_clone, trained_outputs)
 from .train_data import input_subfolder, input_subfolders
 
@@ -183,19 +183,30 @@ class TrainControlNeXtSVD(io.ComfyNode):
                 conditioning_dropout: float, control_scale: float, seed: int, gradient_checkpointing: bool,
                 precision: str, controlnext=None, checkpoint_name: str = "", checkpoint_every: int = 100,
                 resume: str = RESUME_CHOICES[0]) -> io.NodeOutput:
-        inputs = {name: value for name, value in locals().items() if name != "cls"}
+        inputs = {name: value for name, value in locals().items() if name not in ("cls", "folder")}
         node_id, prompt = getattr(cls.hidden, "unique_id", None), getattr(cls.hidden, "prompt", None)
         check_saves_fed_by(prompt, node_id)
-        return train_controlnext_svd(**inputs, node_id=node_id, base_model=base_model_name(prompt, node_id, model))
+        require_svd_for_training(model)
+        return train_controlnext_svd(**inputs, clips=read_clip_folders(input_subfolder(folder)), data_label=folder,
+                                     node_id=node_id, base_model=base_model_name(prompt, node_id, model))
 
 
-def train_controlnext_svd(model, clip_vision, vae, folder: str, steps: int, trained: str, learning_rate: float,
-                          frames: int, interval_frame: int, width: int, height: int, batch_size: int,
-                          conditioning_dropout: float, control_scale: float, seed: int, gradient_checkpointing: bool,
-                          precision: str, controlnext=None, checkpoint_name: str = "", checkpoint_every: int = 100,
-                          resume: str = RESUME_CHOICES[0], node_id=None, base_model: str = "") -> io.NodeOutput:
-    """Train ControlNeXt SVD's work: the clips read, the official SVD-v2 step run by the core loop on the
-    MODEL's clone, the result as a CONTROLNEXT and a patched MODEL like Train ControlNeXt's."""
+def train_controlnext_svd(model, clip_vision, vae, clips: list[ClipFiles], data_label: str, steps: int, trained: str,
+                          learning_rate: float, frames: int, interval_frame: int, width: int, height: int,
+                          batch_size: int, conditioning_dropout: float, control_scale: float, seed: int,
+                          gradient_checkpointing: bool, precision: str, controlnext=None, checkpoint_name: str = "",
+                          checkpoint_every: int = 100, resume: str = RESUME_CHOICES[0], node_id=None,
+                          base_model: str = "", gradient_accumulation_steps: int = 1, official_data: bool = False,
+                          release: str = "", checkpoints_kept: int = CHECKPOINTS_KEPT,
+                          hooks_class: type[ComfyHooks] | None = None) -> io.NodeOutput:
+    """Train ControlNeXt SVD's work, for the node and the headless command (controlnext_train): the
+    official SVD-v2 step run by the core loop on the MODEL's clone over the processes this one was
+    started with, the result as a CONTROLNEXT and a patched MODEL like Train ControlNeXt's.
+
+    ``official_data``: clips of an official meta-info file (BGR pose videos, pose counts that may
+    differ by a few frames). The node names its release by ``checkpoint_name``; the command gives a
+    folder (``release``) and its own Cancel and progress (``hooks_class``). ``resume`` may also be a
+    checkpoint folder."""
     require_svd_for_training(model)
     if width % 64 or height % 64:
         raise ControlNeXtError(f"{width}x{height}: give a width and height that are multiples of 64 (the SVD UNet "
@@ -203,29 +214,31 @@ def train_controlnext_svd(model, clip_vision, vae, folder: str, steps: int, trai
     if controlnext is not None and controlnext.layout != TRAIN_LAYOUT:
         raise ControlNeXtError(f"'{controlnext.name}' is an SVD v1 encoder; the SVD-v2 training continues SVD-v2 "
                                f"(\"base\" layout) encoders or starts a new one.")
-    clips = read_clip_folders(input_subfolder(folder))
     scale, scale_note = control_scale_for(control_scale, controlnext)
     names = video_trained_names(model, trained)  # refuses an unknown set
     pattern = VIDEO_TRAINED_SETS[trained]
     settings = TrainingSettings(family="svd", steps=steps, batch_size=batch_size, encoder_lr=learning_rate,
                                 unet_lr=learning_rate, train_unet=pattern is not None, unet_pattern=pattern,
-                                control_scale=scale, seed=seed).resolved()
+                                control_scale=scale, seed=seed,
+                                gradient_accumulation_steps=gradient_accumulation_steps).resolved()
     with torch.inference_mode(False):
         encoder = new_encoder(seed) if controlnext is None else trainable_copy(controlnext.encoder)
         denoiser = ComfyVideoDenoiser(model, names)
     base_model = base_model or model_type_name(model.model)
-    release = release_folder(checkpoint_name) if checkpoint_name.strip() else ""
-    source = ClipSource(clips, ClipSampling(frames, interval_frame, width, height), frames_encoder(vae, model),
-                        image_embedder(clip_vision))
-    identity = {"base_model": base_model, "data": f"{folder}: {len(clips)} clips, {frames} frames every "
+    release = release or (release_folder(checkpoint_name) if checkpoint_name.strip() else "")
+    sampling = (ClipSampling(frames, interval_frame, width, height, OFFICIAL_GUIDE_SLACK, guide_bgr=True)
+                if official_data else ClipSampling(frames, interval_frame, width, height))
+    source = ClipSource(clips, sampling, frames_encoder(vae, model), image_embedder(clip_vision))
+    identity = {"base_model": base_model, "data": f"{data_label}: {len(clips)} clips, {frames} frames every "
                                                   f"{interval_frame} at {width}x{height}"}
     plan = (CheckpointPlan(release, checkpoint_every, resume, identity, base_model, diffusers_names(model),
-                           CHECKPOINTS_KEPT) if release else None)
+                           checkpoints_kept) if release else None)
     device = comfy.model_management.get_torch_device()
     run = train_on_clone(
         denoiser, lambda base: VideoTrainer(encoder, base, settings, reference_encoder(vae), device,
                                             Processes.joined(), conditioning_dropout),
-        source, None, settings, gradient_checkpointing, _autocast_dtype(precision, model), node_id, plan)
+        source, None, settings, gradient_checkpointing, _autocast_dtype(precision, model), node_id, plan,
+        hooks_class=hooks_class or ComfyHooks)
     trained_file, patched = trained_outputs(model, "svd", run, base_model, plan)
     message = " ".join(part for part in (
         f"{len(clips)} clips.", run.message, loss_summary(run.trainer.losses) + ".",

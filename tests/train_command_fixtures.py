@@ -1,5 +1,6 @@
-"""What the headless command's tests train with: a tiny SD1.5 checkpoint file written by ComfyUI's
-own saver (controlnext_testbed.checkpoint_files), and a folder of training pairs."""
+"""What the headless command's tests train with: tiny SD1.5 and SVD checkpoint files written by
+ComfyUI's own saver (controlnext_testbed.checkpoint_files), a folder of training pairs, and one of
+clips."""
 from __future__ import annotations
 
 import os
@@ -37,3 +38,20 @@ def write_pairs(folder: str, count: int, size: int = 64) -> None:
         Image.fromarray(control).save(os.path.join(folder, "conditioning_images", f"{index:03d}.png"))
         with open(os.path.join(folder, f"{index:03d}.txt"), "w") as file:
             file.write(f"a square, number {index}")
+
+
+def write_svd_checkpoint(path: str) -> None:
+    write_checkpoint(path, "svd")
+
+
+def write_clips(folder: str, count: int, frames: int = 6, size: int = 64) -> None:
+    """Clip folders of the simple layout: a square moving down, its pose a white square, frames/ and
+    poses/ of pictures."""
+    for clip in range(count):
+        for part in ("frames", "poses"):
+            os.makedirs(os.path.join(folder, f"clip{clip}", part), exist_ok=True)
+            for frame in range(frames):
+                picture = np.zeros((size, size, 3), np.uint8)
+                top = 4 * frame + 8 * clip
+                picture[top:top + 24, 16:40] = 255 if part == "poses" else 150
+                Image.fromarray(picture).save(os.path.join(folder, f"clip{clip}", part, f"{frame:02d}.png"))

@@ -32,6 +32,7 @@ from conftest import PACK_ROOT  # noqa: E402
 from controlnext_demo.cli import INSTALLED_BASE, INSTALLED_RELEASE  # noqa: E402
 from controlnext_testbed import toy_shapes  # noqa: E402
 from controlnext_testbed.official_layouts import random_encoder_state_dict  # noqa: E402
+from train_command_fixtures import write_clips  # noqa: E402
 from server import (CONTROLNEXT_FILES, DWPOSE_FILES, ORDINARY_CONTROLNET, PACK_LINK_NAME,  # noqa: E402
                     SD15_UNET_SUBSET, SDXL_UNET_DELTAS, SVD_UNET, TRAINING_PICTURES, ComfyServer,
                     install_official_model_files, install_training_pictures, make_base_directory, queue_command,
@@ -56,6 +57,7 @@ WORKFLOW_IMAGES = {
     "ControlNeXt SDXL Training": ("Test Photo",),
     "ControlNeXt SD1.5 Pairs Training": ("Validation Control",),
     "ControlNeXt SDXL Photos Training": ("Validation Photo",),
+    "ControlNeXt SVD Pose Training": ("Reference", "Driving Video"),
     "ControlNeXt Toy Shapes Demo": ("Shapes Picture",),
 }
 DRIVING_FRAMES = 6
@@ -95,6 +97,27 @@ for _training, (_data, _validation, _every) in DATA_TRAINING.items():
                        "Train ControlNeXt", 1)
 
 
+# The SVD training template trains on the clips in input/ (2 steps of 3 frames, a checkpoint each), saves the
+# encoder and generates the driving video with it.
+VIDEO_TRAINING, VIDEO_CLIPS = "ControlNeXt SVD Pose Training", "controlnext_clips"
+RUNS[VIDEO_TRAINING] = (SMALL_VIDEO + settings(*(f"Train ControlNeXt SVD.{name}={value}" for name, value in (
+    ("steps", TRAINING_STEPS), ("frames", 3), ("interval_frame", 1), ("width", 64), ("height", 64),
+    ("checkpoint_every", 1))), "Save ControlNeXt.overwrite=true"), "SamplerCustomAdvanced", DRIVING_FRAMES)
+
+
+def video_training_files() -> list[str]:
+    """What the SVD training template writes besides its video: a checkpoint per step with release files
+    beside them, and Save ControlNeXt's release."""
+    nodes = read_json(os.path.join(API_WORKFLOWS, f"{VIDEO_TRAINING}.json")).values()
+    train = next(node["inputs"] for node in nodes if node["class_type"] == "ControlNeXtTrainSVD")
+    save = next(node["inputs"] for node in nodes if node["class_type"] == "ControlNeXtSave")
+    checkpoints = f"models/controlnext/{train['checkpoint_name']}"
+    return [*(f"{checkpoints}/checkpoints/step-{step}/state.safetensors" for step in range(1, TRAINING_STEPS + 1)),
+            f"{checkpoints}/controlnet.safetensors", f"{checkpoints}/unet.safetensors",
+            f"models/controlnext/{save['name']}/controlnet.safetensors",
+            f"models/controlnext/{save['name']}/unet.safetensors"]
+
+
 def validation_rounds(name: str) -> range:
     """The steps at which a data training template's test run samples its validation control."""
     return range(0, TRAINING_STEPS + 1, DATA_TRAINING[name][2])
@@ -119,6 +142,7 @@ def server(tmp_path_factory):
     install_training_pictures(os.path.join(base, "input", TRAINING_PICTURES))
     install_training_pairs(os.path.join(base, "input", TRAINING_PAIRS))
     install_training_pictures(os.path.join(base, "input", TRAINING_PHOTOS))  # photos only: their controls made by canny
+    write_clips(os.path.join(base, "input", VIDEO_CLIPS), 2)
     install_untrained_demo_files(os.path.join(base, "models"))
     running = ComfyServer(base).start()
     yield running
@@ -339,9 +363,10 @@ def test_api_workflow_runs_from_the_shell(server, name, images, tmp_path):
     done, total = node_counters(result.stderr)[-1]
     assert done == total, result.stderr  # cached nodes (from earlier runs) count
     assert os.path.relpath(saved[0], out).startswith(saved_subfolder(name))  # kept the server's subfolder
-    if name in DATA_TRAINING:
-        missing = [path for path in data_training_files(name) if not os.path.exists(os.path.join(server.base, path))]
-        assert not missing, f"not written: {missing}\n{result.stderr}"
+    written = data_training_files(name) if name in DATA_TRAINING else video_training_files() if (
+        name == VIDEO_TRAINING) else []
+    missing = [path for path in written if not os.path.exists(os.path.join(server.base, path))]
+    assert not missing, f"not written: {missing}\n{result.stderr}"
 
 
 def test_a_rerun_counts_its_cached_nodes_and_downloads_previews_on_request(server, images, tmp_path):

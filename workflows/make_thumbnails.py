@@ -259,6 +259,24 @@ def demo_strip() -> np.ndarray:
     return strip
 
 
+def video_training_pair() -> list[np.ndarray]:
+    """Left: frames of your clips beside their poses (what training learns from); right: the
+    reference picture dancing a new pose with the trained ControlNeXt."""
+    tile = (PANEL[0] // 2, PANEL[1] // 3)
+    clip = {"skin": SKIN, "hair": HAIR, "top": (90, 160, 110), "shorts": (50, 50, 60)}
+    grid = np.zeros((PANEL[1], PANEL[0], 3), np.uint8)
+    for row, phase in enumerate((0.0, 0.4, 0.8)):
+        points = dance(phase)
+        grid[row * tile[1]:(row + 1) * tile[1], :tile[0]] = draw_scaled(
+            tile, lambda d, w, h: paint_person(points, clip, d, w, h), background=(235, 225, 205))
+        lines = Image.fromarray(draw_pose(pose_frame(points), *tile)).filter(ImageFilter.MaxFilter(3))
+        grid[row * tile[1]:(row + 1) * tile[1], tile[0]:] = np.asarray(lines)
+    reference = {"skin": SKIN, "hair": HAIR, "top": (220, 80, 90), "shorts": (60, 70, 120)}
+    points = dance(0.6)
+    return [grid, draw_scaled(PANEL, lambda d, w, h: paint_person(points, reference, d, w, h),
+                              background=(235, 225, 205))]
+
+
 # Template name -> (its pictures, one line on what it does).
 def training_pair(painting) -> list[np.ndarray]:
     """Left: your pictures over their edges (what training learns from); right: a picture the trained
@@ -290,6 +308,7 @@ TEMPLATES = {
                                               "Train from a folder of pictures and their controls (SD1.5)"),
     "ControlNeXt SDXL Photos Training": (lambda: training_pair(lambda size: anime_portrait(size, False)),
                                               "Train a canny control from a folder of photos (SDXL)"),
+    "ControlNeXt SVD Pose Training": (video_training_pair, "Train a pose control on your clips, then dance (SVD)"),
     "ControlNeXt Toy Shapes Demo": (demo_strip, "Try it: a toy model trained here, without and with control"),
 }
 

@@ -27,6 +27,7 @@ MASK_SCALE, MASK_BASE = 4.0, 1.0  # the loss weight: mask x 4 + 1
 RANDOM_INTERVAL = (2, 7)  # interval_frame <= 0: drawn per clip in this range
 OFFICIAL_GUIDE_SLACK = 24  # the script accepts a pose video up to 24 frames longer or shorter
 VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".avi", ".mkv", ".gif")
+POSE_CACHE = ".controlnext_poses"  # under a folder of clips: the poses and hands made by DWPose (clip_poses)
 
 
 @dataclass(frozen=True)
@@ -247,24 +248,26 @@ def _resized(tensor: torch.Tensor, width: int, height: int) -> torch.Tensor:
 def read_clip_folders(root: str) -> list[ClipFiles]:
     """The clips of the simple layout under ``root``, one subfolder each, in name order: its frames as
     ``frames/`` (pictures) or ``video.<ext>``, its poses as ``poses/`` or ``poses.<ext>``, and
-    optionally ``hands.json``, the official per-frame detections that weight the loss. Every problem
-    is listed at once."""
+    optionally ``hands.json``, the official per-frame detections that weight the loss; poses and
+    hands a clip lacks are read from the DWPose cache (``POSE_CACHE``) where they were made. Every
+    problem is listed at once."""
     if not os.path.isdir(root):
         raise ControlNeXtError(f"{root} is not a folder: give a folder with one subfolder per clip.")
     clips, problems = [], []
     for name in sorted(os.listdir(root)):
         folder = os.path.join(root, name)
-        if not os.path.isdir(folder):
+        if name.startswith(".") or not os.path.isdir(folder):
             continue
-        frames, poses = _clip_part(folder, "frames", "video"), _clip_part(folder, "poses", "poses")
+        frames = clip_part(folder, "frames", "video")
+        poses = clip_part(folder, "poses", "poses") or cached_poses(root, name)
         if frames is None:
             problems.append(f"{name}: no frames/ folder of pictures and no video.<{'|'.join(s[1:] for s in VIDEO_SUFFIXES)}>")
         if poses is None:
-            problems.append(f"{name}: no poses/ folder and no poses.<video>: draw them with DWPose (ControlNeXt "
-                            f"Pose) from the frames, one per frame")
+            problems.append(f"{name}: no poses/ folder and no poses.<video>: choose the DWPose models to draw them "
+                            f"from the frames once, or draw them yourself (DWPose Estimator), one per frame")
         hands = os.path.join(folder, "hands.json")
         if frames and poses:
-            clips.append(ClipFiles(frames, poses, hands if os.path.isfile(hands) else None))
+            clips.append(ClipFiles(frames, poses, hands if os.path.isfile(hands) else cached_hands(root, name)))
     if problems:
         shown = "\n".join(f"- {problem}" for problem in problems[:20])
         raise ControlNeXtError(f"{root} has {len(problems)} problem(s) with its clips; mend them and run again:\n{shown}")
@@ -274,7 +277,24 @@ def read_clip_folders(root: str) -> list[ClipFiles]:
     return clips
 
 
-def _clip_part(folder: str, subfolder: str, stem: str) -> str | None:
+def cache_folder(root: str, clip_name: str) -> str:
+    return os.path.join(root, POSE_CACHE, clip_name)
+
+
+def cached_poses(root: str, clip_name: str) -> str | None:
+    """A clip's pose pictures drawn from DWPose detections (clip_poses), where they were made."""
+    folder = os.path.join(cache_folder(root, clip_name), "poses")
+    return folder if os.path.isdir(folder) else None
+
+
+def cached_hands(root: str, clip_name: str) -> str | None:
+    """A clip's hands detections made from DWPose's hand keypoints (clip_poses), where they were made."""
+    path = os.path.join(cache_folder(root, clip_name), "hands.json")
+    return path if os.path.isfile(path) else None
+
+
+def clip_part(folder: str, subfolder: str, stem: str) -> str | None:
+    """A clip folder's pictures folder ``subfolder``, else its video ``stem.<ext>``."""
     if os.path.isdir(os.path.join(folder, subfolder)):
         return os.path.join(folder, subfolder)
     for suffix in VIDEO_SUFFIXES:

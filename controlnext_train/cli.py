@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     video.add_argument("--meta_info_path", metavar="JSON",
                        help="the official meta-info file (a list of video_path, guide_path, meta_info; paths "
                             "relative to it) instead of --train_data_dir")
+    video.add_argument("--dwpose_detector", metavar="FILE",
+                       help="with --dwpose_model: DWPose draws the poses of clip folders without poses/ and finds the "
+                            "hands of those without hands.json, once, kept in the clips folder's .controlnext_poses "
+                            "(a path, or a name in ComfyUI's models/dwpose: yolox_l.onnx)")
+    video.add_argument("--dwpose_model", metavar="FILE", help="the whole-body pose model (dw-ll_ucoco_384.onnx)")
     video.add_argument("--sample_n_frames", type=int, default=OFFICIAL_FRAMES, help="frames per sample")
     video.add_argument("--interval_frame", type=int, default=OFFICIAL_INTERVAL,
                        help="take every Nth frame (0: drawn from 2 to 7 per sample)")
@@ -527,16 +532,21 @@ def train_video(args, launch: Launch, stop: StopRequest, model, clip_vision, vae
     if args.meta_info_path and args.train_data_dir:
         raise core.ControlNeXtError("Give the clips once: --meta_info_path (the official file) or --train_data_dir "
                                     "(a folder of clip folders), not both.")
+    video_nodes = comfy_library.pack("nodes.video_train")
+    note = ""
     if args.meta_info_path:
         clips, label = video_data.read_meta_info(os.path.abspath(args.meta_info_path)), args.meta_info_path
     else:
-        clips, label = video_data.read_clip_folders(os.path.abspath(args.train_data_dir)), args.train_data_dir
-    log.info("%d clips in %s.", len(clips), label)
+        given = (args.dwpose_detector or video_nodes.NO_DWPOSE, args.dwpose_model or video_nodes.NO_DWPOSE)
+        dwpose = [os.path.abspath(name) if os.path.isfile(name) else name for name in given]
+        clips, note = video_nodes.clip_folder_clips(os.path.abspath(args.train_data_dir), *dwpose)
+        label = args.train_data_dir
+    log.info("%d clips in %s. %s", len(clips), label, note)
     warn_of_deepspeed("Each process keeps its own fp32 masters, AdamW moments and gradients of the trained weights: "
                       "16 bytes a weight, 24 GB for every SVD-XT weight (--train_unet official), 1.6 GB for the "
                       "attention outputs and values (--train_unet attention), which ZeRO-2 would have split.")
     report = StepReport(args.report_json, launch.rank)
-    output = comfy_library.pack("nodes.video_train").train_controlnext_svd(
+    output = video_nodes.train_controlnext_svd(
         model, clip_vision, vae, clips, label, steps=args.max_train_steps, trained=TRAIN_UNET_SVD[args.train_unet],
         learning_rate=args.learning_rate, frames=args.sample_n_frames, interval_frame=args.interval_frame,
         width=args.width, height=args.height, batch_size=args.train_batch_size,
@@ -546,5 +556,5 @@ def train_video(args, launch: Launch, stop: StopRequest, model, clip_vision, vae
         checkpoint_every=args.checkpointing_steps, resume=resume_choice(args), base_model=os.path.basename(checkpoint),
         gradient_accumulation_steps=args.gradient_accumulation_steps, official_data=bool(args.meta_info_path),
         release=output_dir, checkpoints_kept=args.checkpoints_total_limit,
-        hooks_class=command_hooks(args, stop, report))
+        hooks_class=command_hooks(args, stop, report), data_note=note)
     return finish(output, launch, report, output_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Callable
 
 import torch
@@ -14,17 +15,20 @@ from ..controlnext_core import ControlNeXtError
 from ..controlnext_core.processes import Processes
 from ..controlnext_core.train import (TRAIN_LAYOUT, TrainingSettings, loss_summary, new_encoder, trainable_copy,
                                       trainable_unet_names)
-from ..controlnext_core.video_dataset import OFFICIAL_GUIDE_SLACK, ClipFiles, read_clip_folders
+from ..controlnext_core.clip_poses import clips_to_detect, detect_missing
+from ..controlnext_core.video_dataset import OFFICIAL_GUIDE_SLACK, POSE_CACHE, ClipFiles, read_clip_folders
 from ..controlnext_core.video_train import (OFFICIAL_VIDEO_RECIPE, VIDEO_TRAINED_SETS, ClipSampling, ClipSource,
                                             VideoTrainer)
 from .loaders import ControlNeXtType
 from .patch import model_family, model_type_name
+from .preprocessors import dwpose_detector, dwpose_files, resolve_dwpose
 from .train import (CHECKPOINTS_KEPT, PRECISIONS, RESUME_CHOICES, TRAIN_CATEGORY, CheckpointPlan, ComfyDenoiser,
                     ComfyHooks, LossMapType, _autocast_dtype, base_model_name, check_saves_fed_by, checkpoint_inputs_check,
                     control_scale_for, diffusers_names, release_folder, train_on_clone, trained_outputs)
 from .train_data import input_subfolder, input_subfolders
 
 log = logging.getLogger("ControlNeXt")
+NO_DWPOSE = "none"
 
 
 def require_svd_for_training(model) -> None:
@@ -63,6 +67,32 @@ def video_trained_names(model, trained_set: str) -> list[str]:
     if pattern is None:
         return []
     return trainable_unet_names([name for name, _ in model.model.diffusion_model.named_parameters()], "svd", pattern)
+
+
+def clip_folder_clips(root: str, detector_model: str = NO_DWPOSE,
+                      pose_model: str = NO_DWPOSE) -> tuple[list[ClipFiles], str]:
+    """The clips of a folder of clip folders, with the poses and hands detections they lack made by
+    DWPose once (cached in the folder's POSE_CACHE) where its two models are chosen; and a note of
+    what stands in for what is missing."""
+    chosen = [name for name in (detector_model, pose_model) if name != NO_DWPOSE]
+    if len(chosen) == 1:
+        raise ControlNeXtError("Choose both DWPose models (detector_model and pose_model) to make the clips' poses "
+                               "and hands, or neither.")
+    notes = []
+    if chosen:
+        wanted = clips_to_detect(root) if os.path.isdir(root) else []
+        if wanted:
+            detector = dwpose_detector(resolve_dwpose(detector_model), resolve_dwpose(pose_model))
+            log.info("DWPose: the poses or hands of %d clips, once (kept in %s).", len(wanted),
+                     os.path.join(root, POSE_CACHE))
+            done = detect_missing(root, detector.detect)
+            notes.append(f"DWPose made the poses or hands of {len(done)} clips (kept for later runs).")
+    clips = read_clip_folders(root)
+    unweighted = sum(clip.detections is None for clip in clips)
+    if unweighted:
+        notes.append(f"{unweighted} of {len(clips)} clips have no hands.json: their loss is not weighted on the "
+                     f"hands (choose the DWPose models to make them).")
+    return clips, " ".join(notes)
 
 
 def reference_encoder(vae) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -163,6 +193,14 @@ class TrainControlNeXtSVD(io.ComfyNode):
                 io.Combo.Input("resume", options=list(RESUME_CHOICES), default=RESUME_CHOICES[0], optional=True,
                                tooltip="latest: continue the newest checkpoint of checkpoint_name exactly; latest, "
                                        "new settings: take only its weights; no: a new run."),
+                io.Combo.Input("detector_model", options=[NO_DWPOSE, *dwpose_files()], default=NO_DWPOSE,
+                               optional=True,
+                               tooltip="With pose_model: DWPose draws the poses of clips without poses/ and finds "
+                                       "the hands of clips without hands.json, once (kept in the folder's "
+                                       f"{POSE_CACHE}; your clip folders are not changed). Person detector in "
+                                       "models/dwpose: yolox_l.onnx."),
+                io.Combo.Input("pose_model", options=[NO_DWPOSE, *dwpose_files()], default=NO_DWPOSE, optional=True,
+                               tooltip="Whole-body pose model in models/dwpose: dw-ll_ucoco_384.onnx."),
             ],
             outputs=[
                 ControlNeXtType.Output(display_name="CONTROLNEXT",
@@ -182,13 +220,16 @@ class TrainControlNeXtSVD(io.ComfyNode):
                 frames: int, interval_frame: int, width: int, height: int, batch_size: int,
                 conditioning_dropout: float, control_scale: float, seed: int, gradient_checkpointing: bool,
                 precision: str, controlnext=None, checkpoint_name: str = "", checkpoint_every: int = 100,
-                resume: str = RESUME_CHOICES[0]) -> io.NodeOutput:
-        inputs = {name: value for name, value in locals().items() if name not in ("cls", "folder")}
+                resume: str = RESUME_CHOICES[0], detector_model: str = NO_DWPOSE,
+                pose_model: str = NO_DWPOSE) -> io.NodeOutput:
+        inputs = {name: value for name, value in locals().items()
+                  if name not in ("cls", "folder", "detector_model", "pose_model")}
         node_id, prompt = getattr(cls.hidden, "unique_id", None), getattr(cls.hidden, "prompt", None)
         check_saves_fed_by(prompt, node_id)
         require_svd_for_training(model)
-        return train_controlnext_svd(**inputs, clips=read_clip_folders(input_subfolder(folder)), data_label=folder,
-                                     node_id=node_id, base_model=base_model_name(prompt, node_id, model))
+        clips, note = clip_folder_clips(input_subfolder(folder), detector_model, pose_model)
+        return train_controlnext_svd(**inputs, clips=clips, data_label=folder, data_note=note, node_id=node_id,
+                                     base_model=base_model_name(prompt, node_id, model))
 
 
 def train_controlnext_svd(model, clip_vision, vae, clips: list[ClipFiles], data_label: str, steps: int, trained: str,
@@ -198,7 +239,7 @@ def train_controlnext_svd(model, clip_vision, vae, clips: list[ClipFiles], data_
                           checkpoint_every: int = 100, resume: str = RESUME_CHOICES[0], node_id=None,
                           base_model: str = "", gradient_accumulation_steps: int = 1, official_data: bool = False,
                           release: str = "", checkpoints_kept: int = CHECKPOINTS_KEPT,
-                          hooks_class: type[ComfyHooks] | None = None) -> io.NodeOutput:
+                          hooks_class: type[ComfyHooks] | None = None, data_note: str = "") -> io.NodeOutput:
     """Train ControlNeXt SVD's work, for the node and the headless command (controlnext_train): the
     official SVD-v2 step run by the core loop on the MODEL's clone over the processes this one was
     started with, the result as a CONTROLNEXT and a patched MODEL like Train ControlNeXt's.
@@ -241,7 +282,7 @@ def train_controlnext_svd(model, clip_vision, vae, clips: list[ClipFiles], data_
         hooks_class=hooks_class or ComfyHooks)
     trained_file, patched = trained_outputs(model, "svd", run, base_model, plan)
     message = " ".join(part for part in (
-        f"{len(clips)} clips.", run.message, loss_summary(run.trainer.losses) + ".",
+        f"{len(clips)} clips.", data_note, run.message, loss_summary(run.trainer.losses) + ".",
         f"adamw, lr {learning_rate:g}, trained: {trained}.", scale_note) if part)
     log.info("ControlNeXt SVD training: %s", message)
     return io.NodeOutput(trained_file, patched, {"loss": list(run.trainer.losses)},

@@ -2,6 +2,7 @@
 UNet in a real ComfyUI, through the MODEL's clone (nodes/video_train.py)."""
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -11,6 +12,7 @@ import host  # skips this module without a ComfyUI host
 from host import models_folder, tiny_model  # noqa: F401 (models_folder: a fixture)
 
 from controlnext_testbed.checkpoint_files import random_vae
+from test_host_preprocess import install_tiny_dwpose, model_folders  # noqa: F401 (model_folders: a fixture)
 
 video_train_nodes = host.importlib.import_module(f"{host.PACK_NAME}.nodes.video_train")
 core_train = host.importlib.import_module(f"{host.PACK_NAME}.controlnext_core.train")
@@ -206,3 +208,33 @@ def test_the_node_names_bad_inputs(clips_folder, clip_vision, vae):
     (clips_folder / "clip2").mkdir()
     with pytest.raises(host.core.ControlNeXtError, match="- clip2: no frames/ folder"):
         run_node(model, clip_vision, vae)
+
+
+def test_dwpose_makes_the_poses_and_hands_the_clips_lack_once(clips_folder, clip_vision, vae, model_folders):
+    """clip1 without poses: DWPose (TorchScript stand-ins) draws them and finds both clips' hands before
+    training, kept in the folder's cache for the next run; without the models the message says the
+    loss is not weighted on hands."""
+    import shutil
+
+    detector, pose = install_tiny_dwpose(model_folders[0])
+    model = tiny_model("svd")
+    message = run_node(model, clip_vision, vae, steps=1).ui["controlnext_info"][0]
+    assert "2 of 2 clips have no hands.json: their loss is not weighted on the hands" in message
+    shutil.rmtree(clips_folder / "clip1" / "poses")
+    with pytest.raises(host.core.ControlNeXtError, match="clip1: no poses/ folder"):
+        run_node(model, clip_vision, vae, steps=1)
+    with pytest.raises(host.core.ControlNeXtError, match="Choose both DWPose models"):
+        run_node(model, clip_vision, vae, steps=1, detector_model=detector)
+    message = run_node(model, clip_vision, vae, steps=1, detector_model=detector,
+                       pose_model=pose).ui["controlnext_info"][0]
+    assert "DWPose made the poses or hands of 2 clips" in message and "no hands.json" not in message
+    cache = clips_folder / ".controlnext_poses"
+    assert sorted(p.name for p in (cache / "clip1" / "poses").iterdir()) == [f"{i:05d}.png" for i in range(6)]
+    assert not (cache / "clip0" / "poses").exists()  # clip0 keeps its own poses
+    hands = json.loads((cache / "clip0" / "hands.json").read_text())
+    assert len(hands) == 6 and hands[0]["hands_boxes"] and min(min(s) for s in hands[0]["hands_score"]) > 0.5
+    written = {path: path.stat().st_mtime_ns for path in cache.rglob("*")}
+    message = run_node(model, clip_vision, vae, steps=1, detector_model=detector,
+                       pose_model=pose).ui["controlnext_info"][0]
+    assert "DWPose" not in message and {path: path.stat().st_mtime_ns for path in cache.rglob("*")} == written
+    assert sorted(p.name for p in (clips_folder / "clip1").iterdir()) == ["frames"]  # the user's folder unchanged

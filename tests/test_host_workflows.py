@@ -97,22 +97,24 @@ for _training, (_data, _validation, _every) in DATA_TRAINING.items():
                        "Train ControlNeXt", 1)
 
 
-# The SVD training template trains on the clips in input/ (2 steps of 3 frames, a checkpoint each), saves the
-# encoder and generates the driving video with it.
+# The SVD training template trains on the clips in input/ (2 steps of 3 frames, a checkpoint each; DWPose finds
+# their hands first), saves the encoder and generates the driving video with it.
 VIDEO_TRAINING, VIDEO_CLIPS = "ControlNeXt SVD Pose Training", "controlnext_clips"
 RUNS[VIDEO_TRAINING] = (SMALL_VIDEO + settings(*(f"Train ControlNeXt SVD.{name}={value}" for name, value in (
     ("steps", TRAINING_STEPS), ("frames", 3), ("interval_frame", 1), ("width", 64), ("height", 64),
-    ("checkpoint_every", 1))), "Save ControlNeXt.overwrite=true"), "SamplerCustomAdvanced", DRIVING_FRAMES)
+    ("checkpoint_every", 1), *DWPOSE_FILES.items())), "Save ControlNeXt.overwrite=true"), "SamplerCustomAdvanced",
+    DRIVING_FRAMES)
 
 
 def video_training_files() -> list[str]:
-    """What the SVD training template writes besides its video: a checkpoint per step with release files
-    beside them, and Save ControlNeXt's release."""
+    """What the SVD training template writes besides its video: the clips' hands found by DWPose, a
+    checkpoint per step with release files beside them, and Save ControlNeXt's release."""
     nodes = read_json(os.path.join(API_WORKFLOWS, f"{VIDEO_TRAINING}.json")).values()
     train = next(node["inputs"] for node in nodes if node["class_type"] == "ControlNeXtTrainSVD")
     save = next(node["inputs"] for node in nodes if node["class_type"] == "ControlNeXtSave")
     checkpoints = f"models/controlnext/{train['checkpoint_name']}"
-    return [*(f"{checkpoints}/checkpoints/step-{step}/state.safetensors" for step in range(1, TRAINING_STEPS + 1)),
+    return [f"input/{VIDEO_CLIPS}/.controlnext_poses/clip0/hands.json",
+            *(f"{checkpoints}/checkpoints/step-{step}/state.safetensors" for step in range(1, TRAINING_STEPS + 1)),
             f"{checkpoints}/controlnet.safetensors", f"{checkpoints}/unet.safetensors",
             f"models/controlnext/{save['name']}/controlnet.safetensors",
             f"models/controlnext/{save['name']}/unet.safetensors"]

@@ -161,17 +161,22 @@ def run_node(model, clip_vision, vae, **overrides):
     return video_train_nodes.TrainControlNeXtSVD.execute(**arguments)
 
 
+@pytest.mark.parametrize("trained", ["attention outputs and values", "all"])
 def test_the_node_trains_from_clip_folders_and_its_saved_files_generate_as_it_does(clips_folder, clip_vision, vae,
-                                                                                   models_folder):
+                                                                                   models_folder, trained):
     """Two steps from a folder of clips; Save ControlNeXt writes the encoder and the trained UNet weights
-    (diffusers names), which Load ControlNeXt SVD reads back: Apply ControlNeXt SVD then samples bit for
-    bit what the node's own outputs sample."""
+    (diffusers names; every weight of the UNet for "all"), which Load ControlNeXt SVD reads back: Apply
+    ControlNeXt SVD then samples bit for bit what the node's own outputs sample."""
     from test_host_video import apply_svd, sample_video
 
     model = tiny_model("svd")
-    file, patched, losses = run_node(model, clip_vision, vae).result
+    file, patched, losses = run_node(model, clip_vision, vae, trained=trained).result
     assert len(losses["loss"]) == 2 and all(torch.isfinite(torch.tensor(losses["loss"])))
-    assert file.unet_file_weights and all(".to_out." in name or ".to_v." in name for name in file.unet_file_weights)
+    if trained == "all":
+        assert len(file.unet_file_weights) == len(list(model.model.diffusion_model.parameters()))
+    else:
+        assert file.unet_file_weights and all(".to_out." in name or ".to_v." in name
+                                              for name in file.unet_file_weights)
     assert any(name.startswith(("down_blocks.", "mid_block.", "up_blocks.")) for name in file.unet_file_weights)
     assert file.metadata["family"] == "svd"
     folder = host.importlib.import_module(f"{host.PACK_NAME}.nodes.train").SaveControlNeXt.execute(

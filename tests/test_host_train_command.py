@@ -65,10 +65,10 @@ def run(args: list[str], kind: str = "one") -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=RUN_LIMIT_S)
 
 
-def trained(output) -> dict:
-    """The release files and the loss history of the last checkpoint."""
+def trained(output, steps: int = STEPS) -> dict:
+    """The release files and the loss history of the last checkpoint (at ``steps``)."""
     weights = {name: safetensors.torch.load_file(str(output / f"{name}.safetensors")) for name in ("controlnet", "unet")}
-    with open(output / "checkpoints" / f"step-{STEPS}" / "state.json") as file:
+    with open(output / "checkpoints" / f"step-{steps}" / "state.json") as file:
         return {"weights": weights, "losses": json.load(file)["losses"]}
 
 

@@ -15,13 +15,12 @@ import os
 import cv2
 import numpy as np
 import pytest
-import safetensors.torch
 import torch
 
 import comfy.sd
 import host
 from host import models_folder  # noqa: F401 (a fixture)
-from test_host_train_command import run
+from test_host_train_command import identical, run, trained
 from train_command_fixtures import write_clips, write_sd15_checkpoint, write_svd_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -45,17 +44,7 @@ def command(world, output: str, *extra: str) -> list[str]:
 
 
 def release(output) -> dict:
-    """The release files and the losses of the last checkpoint."""
-    weights = {name: safetensors.torch.load_file(str(output / f"{name}.safetensors")) for name in ("controlnet", "unet")}
-    with open(output / "checkpoints" / f"step-{STEPS}" / "state.json") as file:
-        return {"weights": weights, "losses": json.load(file)["losses"]}
-
-
-def identical(a: dict, b: dict) -> bool:
-    return a["losses"] == b["losses"] and all(
-        set(a["weights"][name]) == set(b["weights"][name])
-        and all(torch.equal(a["weights"][name][key], b["weights"][name][key]) for key in a["weights"][name])
-        for name in a["weights"])
+    return trained(output, STEPS)
 
 
 @pytest.fixture(scope="module")

@@ -12,16 +12,16 @@ from __future__ import annotations
 import json
 import os
 
-import cv2
-import numpy as np
 import pytest
-import torch
 
-import comfy.sd
-import host
-from host import models_folder  # noqa: F401 (a fixture)
-from test_host_train_command import identical, run, trained
-from train_command_fixtures import write_clips, write_sd15_checkpoint, write_svd_checkpoint
+import host  # skips this module without a ComfyUI host; before the host's packages below
+import comfy.sd  # noqa: E402
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from host import models_folder  # noqa: F401,E402 (a fixture)
+from test_host_train_command import identical, run, trained  # noqa: E402
+from train_command_fixtures import write_clips, write_sd15_checkpoint, write_svd_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.slow
 STEPS, FRAMES, SIZE = 3, 3, 64

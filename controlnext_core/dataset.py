@@ -392,9 +392,15 @@ def _square(image: Image.Image, resolution: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
 
 
+def problem_lines(problems: list[str]) -> str:
+    """The first PROBLEMS_SHOWN problems, a line each, and how many more there are."""
+    shown = "\n".join(f"- {problem}" for problem in problems[:PROBLEMS_SHOWN])
+    more = f"\n- ... and {len(problems) - PROBLEMS_SHOWN} more" if len(problems) > PROBLEMS_SHOWN else ""
+    return shown + more
+
+
 def _problem_list(root: str, problems: list[str]) -> str:
     if len(problems) == 1:
         return problems[0]
-    shown = "\n".join(f"- {problem}" for problem in problems[:PROBLEMS_SHOWN])
-    more = f"\n- ... and {len(problems) - PROBLEMS_SHOWN} more" if len(problems) > PROBLEMS_SHOWN else ""
-    return f"The training folder '{root}' has {len(problems)} problems; mend them and run again:\n{shown}{more}"
+    return (f"The training folder '{root}' has {len(problems)} problems; mend them and run again:\n"
+            f"{problem_lines(problems)}")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .dataset import PICTURE_SUFFIXES, _open_upright
+from .dataset import PICTURE_SUFFIXES, _open_upright, problem_lines
 from .errors import ControlNeXtError
 
 HAND_SCORE_THRESHOLD, HAND_WEIGHT = 0.5, 0.8  # a hand whose keypoints average above 0.5 is drawn at 0.8
@@ -64,8 +64,8 @@ def read_meta_info(path: str) -> list[ClipFiles]:
                      if not os.path.isfile(value)]
         clips.append(ClipFiles(paths["video_path"], paths["guide_path"], paths.get("meta_info")))
     if problems:
-        shown = "\n".join(f"- {problem}" for problem in problems[:20])
-        raise ControlNeXtError(f"{path} has {len(problems)} problem(s); mend them and run again:\n{shown}")
+        raise ControlNeXtError(f"{path} has {len(problems)} problem(s); mend them and run again:\n"
+                               f"{problem_lines(problems)}")
     if not clips:
         raise ControlNeXtError(f"{path} lists no clips.")
     return clips
@@ -269,8 +269,8 @@ def read_clip_folders(root: str) -> list[ClipFiles]:
         if frames and poses:
             clips.append(ClipFiles(frames, poses, hands if os.path.isfile(hands) else cached_hands(root, name)))
     if problems:
-        shown = "\n".join(f"- {problem}" for problem in problems[:20])
-        raise ControlNeXtError(f"{root} has {len(problems)} problem(s) with its clips; mend them and run again:\n{shown}")
+        raise ControlNeXtError(f"{root} has {len(problems)} problem(s) with its clips; mend them and run again:\n"
+                               f"{problem_lines(problems)}")
     if not clips:
         raise ControlNeXtError(f"{root} holds no clip folders: put each clip in a subfolder with frames/ (or "
                                f"video.mp4) and poses/ (or poses.mp4).")

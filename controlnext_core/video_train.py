@@ -23,6 +23,7 @@ from .encoders import ConditionEncoder
 from .errors import ControlNeXtError
 from .processes import Processes
 from .train import Trainer, TrainingSettings
+from .dataset import problem_lines
 from .video_dataset import ClipFiles, clip_problems, frame_source, read_detections, sample_clip
 
 # the script's constants
@@ -181,9 +182,8 @@ class ClipSource:
                  embed_image: Callable[[torch.Tensor], torch.Tensor]):
         problems = clip_problems(clips, sampling.frames, sampling.guide_slack)
         if problems:
-            shown = "\n".join(f"- {problem}" for problem in problems[:20])
             raise ControlNeXtError(f"{len(problems)} problem(s) with the clips, found before training; mend them "
-                                   f"and run again:\n{shown}")
+                                   f"and run again:\n{problem_lines(problems)}")
         self.clips, self.sampling = list(clips), sampling
         self.encode_frames, self.embed_image = encode_frames, embed_image
         self.count = len(self.clips)

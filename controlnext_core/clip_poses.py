@@ -14,9 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import ControlNeXtError
 from .preprocess.pose import PoseFrame, draw_pose
-from .video_dataset import cache_folder, cached_hands, cached_poses, clip_part, frame_source
+from .video_dataset import cache_folder, clip_folders, frame_source
 
 HAND_KEYPOINT_VISIBLE = 0.3  # DWPose's own cut for drawing a keypoint; the box spans those above it
 FRAMES_PER_CALL = 8  # frames detected together (a clip may hold hundreds)
@@ -64,32 +63,16 @@ def write_clip_poses(root: str, clip_name: str, frames_path: str, draw: bool,
     os.replace(partial, target)
 
 
-def clips_to_detect(root: str) -> list[tuple[str, str, bool]]:
-    """(clip name, frames path, draw poses) of the clip folders under ``root`` with no poses or no
-    hands detections, their own or cached."""
-    wanted = []
-    for name in sorted(os.listdir(root)):
-        folder = os.path.join(root, name)
-        if name.startswith(".") or not os.path.isdir(folder):
-            continue
-        frames = clip_part(folder, "frames", "video")
-        if frames is None:
-            continue  # read_clip_folders names it
-        no_poses = clip_part(folder, "poses", "poses") is None and cached_poses(root, name) is None
-        no_hands = not os.path.isfile(os.path.join(folder, "hands.json")) and cached_hands(root, name) is None
-        if no_poses or no_hands:
-            wanted.append((name, frames, no_poses))
-    return wanted
-
-
-def detect_missing(root: str, detect: Callable[[torch.Tensor], Sequence[PoseFrame]],
+def detect_missing(root: str, load_detector: Callable[[], Callable[[torch.Tensor], Sequence[PoseFrame]]],
                    on_frames: Callable[[int], None] | None = None) -> list[str]:
-    """Makes and caches the poses and hands detections the clips under ``root`` lack; the names of
-    the clips done."""
-    if not os.path.isdir(root):
-        raise ControlNeXtError(f"{root} is not a folder: give a folder with one subfolder per clip.")
-    done = []
-    for name, frames, draw in clips_to_detect(root):
-        write_clip_poses(root, name, frames, draw, detect, on_frames)
-        done.append(name)
-    return done
+    """Makes and caches the poses and hands detections the clips under ``root`` lack (clips without
+    frames are left to read_clip_folders to name); the names of the clips done. ``load_detector`` is
+    called only where there is something to detect."""
+    wanted = [folder for folder in clip_folders(root)
+              if folder.frames is not None and (folder.poses is None or folder.hands is None)]
+    if not wanted:
+        return []
+    detect = load_detector()
+    for folder in wanted:
+        write_clip_poses(root, folder.name, folder.frames, folder.poses is None, detect, on_frames)
+    return [folder.name for folder in wanted]

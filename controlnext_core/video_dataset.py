@@ -251,23 +251,16 @@ def read_clip_folders(root: str) -> list[ClipFiles]:
     optionally ``hands.json``, the official per-frame detections that weight the loss; poses and
     hands a clip lacks are read from the DWPose cache (``POSE_CACHE``) where they were made. Every
     problem is listed at once."""
-    if not os.path.isdir(root):
-        raise ControlNeXtError(f"{root} is not a folder: give a folder with one subfolder per clip.")
     clips, problems = [], []
-    for name in sorted(os.listdir(root)):
-        folder = os.path.join(root, name)
-        if name.startswith(".") or not os.path.isdir(folder):
-            continue
-        frames = clip_part(folder, "frames", "video")
-        poses = clip_part(folder, "poses", "poses") or cached_poses(root, name)
-        if frames is None:
-            problems.append(f"{name}: no frames/ folder of pictures and no video.<{'|'.join(s[1:] for s in VIDEO_SUFFIXES)}>")
-        if poses is None:
-            problems.append(f"{name}: no poses/ folder and no poses.<video>: choose the DWPose models to draw them "
-                            f"from the frames once, or draw them yourself (DWPose Estimator), one per frame")
-        hands = os.path.join(folder, "hands.json")
-        if frames and poses:
-            clips.append(ClipFiles(frames, poses, hands if os.path.isfile(hands) else cached_hands(root, name)))
+    for folder in clip_folders(root):
+        if folder.frames is None:
+            problems.append(f"{folder.name}: no frames/ folder of pictures and no "
+                            f"video.<{'|'.join(s[1:] for s in VIDEO_SUFFIXES)}>")
+        if folder.poses is None:
+            problems.append(f"{folder.name}: no poses/ folder and no poses.<video>: choose the DWPose models to draw "
+                            f"them from the frames once, or draw them yourself (DWPose Estimator), one per frame")
+        if folder.frames and folder.poses:
+            clips.append(ClipFiles(folder.frames, folder.poses, folder.hands))
     if problems:
         raise ControlNeXtError(f"{root} has {len(problems)} problem(s) with its clips; mend them and run again:\n"
                                f"{problem_lines(problems)}")
@@ -275,6 +268,33 @@ def read_clip_folders(root: str) -> list[ClipFiles]:
         raise ControlNeXtError(f"{root} holds no clip folders: put each clip in a subfolder with frames/ (or "
                                f"video.mp4) and poses/ (or poses.mp4).")
     return clips
+
+
+@dataclass(frozen=True)
+class ClipFolder:
+    """One clip folder of the simple layout, its parts found (None: missing); poses and hands its own,
+    else those DWPose made for it (POSE_CACHE)."""
+
+    name: str
+    frames: str | None
+    poses: str | None
+    hands: str | None
+
+
+def clip_folders(root: str) -> list[ClipFolder]:
+    """The clip folders under ``root`` (hidden ones, such as the cache, left out), in name order."""
+    if not os.path.isdir(root):
+        raise ControlNeXtError(f"{root} is not a folder: give a folder with one subfolder per clip.")
+    found = []
+    for name in sorted(os.listdir(root)):
+        folder = os.path.join(root, name)
+        if name.startswith(".") or not os.path.isdir(folder):
+            continue
+        hands = os.path.join(folder, "hands.json")
+        found.append(ClipFolder(name, clip_part(folder, "frames", "video"),
+                                clip_part(folder, "poses", "poses") or cached_poses(root, name),
+                                hands if os.path.isfile(hands) else cached_hands(root, name)))
+    return found
 
 
 def cache_folder(root: str, clip_name: str) -> str:

@@ -15,7 +15,7 @@ from ..controlnext_core import ControlNeXtError
 from ..controlnext_core.processes import Processes
 from ..controlnext_core.train import (TRAIN_LAYOUT, TrainingSettings, loss_summary, new_encoder, trainable_copy,
                                       trainable_unet_names)
-from ..controlnext_core.clip_poses import clips_to_detect, detect_missing
+from ..controlnext_core.clip_poses import detect_missing
 from ..controlnext_core.video_dataset import OFFICIAL_GUIDE_SLACK, POSE_CACHE, ClipFiles, read_clip_folders
 from ..controlnext_core.video_train import (OFFICIAL_VIDEO_RECIPE, VIDEO_TRAINED_SETS, ClipSampling, ClipSource,
                                             VideoTrainer)
@@ -80,12 +80,13 @@ def clip_folder_clips(root: str, detector_model: str = NO_DWPOSE,
                                "and hands, or neither.")
     notes = []
     if chosen:
-        wanted = clips_to_detect(root) if os.path.isdir(root) else []
-        if wanted:
-            detector = dwpose_detector(resolve_dwpose(detector_model), resolve_dwpose(pose_model))
-            log.info("DWPose: the poses or hands of %d clips, once (kept in %s).", len(wanted),
+        def load_detector():
+            log.info("DWPose: the missing poses and hands of the clips, once (kept in %s).",
                      os.path.join(root, POSE_CACHE))
-            done = detect_missing(root, detector.detect)
+            return dwpose_detector(resolve_dwpose(detector_model), resolve_dwpose(pose_model)).detect
+
+        done = detect_missing(root, load_detector)
+        if done:
             notes.append(f"DWPose made the poses or hands of {len(done)} clips (kept for later runs).")
     clips = read_clip_folders(root)
     unweighted = sum(clip.detections is None for clip in clips)

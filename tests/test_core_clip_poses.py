@@ -67,7 +67,7 @@ def test_missing_poses_and_hands_are_made_once_cached_and_read_with_the_clips(tm
         vd.read_clip_folders(str(root))
     before = {path: os.path.getmtime(path) for path in root.rglob("*")}
     detector = CountingDetector()
-    assert clip_poses.detect_missing(str(root), detector) == ["a", "b"]
+    assert clip_poses.detect_missing(str(root), lambda: detector) == ["a", "b"]
     assert detector.frames == 16
     a, b, c = vd.read_clip_folders(str(root))
     cache = root / vd.POSE_CACHE
@@ -82,7 +82,7 @@ def test_missing_poses_and_hands_are_made_once_cached_and_read_with_the_clips(tm
     detections = vd.read_detections(a.detections)
     assert len(detections) == 10 and detections[3] == clip_poses.hands_detections(frame_3)
     assert {path: os.path.getmtime(path) for path in before} == before  # the user's files untouched
-    assert clip_poses.detect_missing(str(root), detector) == [] and detector.frames == 16  # made once
+    assert clip_poses.detect_missing(str(root), lambda: detector) == [] and detector.frames == 16  # made once
     sample = vd.sample_clip(vd.frame_source(a.video), vd.frame_source(a.guide), detections, 4, 2, WIDTH, HEIGHT,
                             torch.Generator().manual_seed(0))
     assert sample.weights[1:].max() > 1  # the hands weigh the loss
@@ -92,9 +92,9 @@ def test_a_detection_stopped_half_way_leaves_no_cache(tmp_path):
     root = tmp_path / "clips"
     write_frames(root / "a" / "frames", 20, WIDTH, HEIGHT)
     with pytest.raises(cn.ControlNeXtError, match="the detector stopped"):
-        clip_poses.detect_missing(str(root), CountingDetector(fail_after=clip_poses.FRAMES_PER_CALL))
+        clip_poses.detect_missing(str(root), lambda: CountingDetector(fail_after=clip_poses.FRAMES_PER_CALL))
     assert vd.cached_poses(str(root), "a") is None and vd.cached_hands(str(root), "a") is None
     with pytest.raises(cn.ControlNeXtError, match="no poses/ folder"):
         vd.read_clip_folders(str(root))
-    assert clip_poses.detect_missing(str(root), CountingDetector()) == ["a"]  # the next run starts over
+    assert clip_poses.detect_missing(str(root), CountingDetector) == ["a"]  # the next run starts over
     assert len(vd.read_detections(vd.cached_hands(str(root), "a"))) == 20

@@ -309,3 +309,16 @@ def test_two_gloo_processes_make_the_steps_of_one_process(tmp_path):
     assert len(different) <= 1, different  # measured: every weight equal bit for bit but the UNet's input conv
     assert not torch.equal(expected["unet." + ToyVideoDenoiser.WEIGHT], ToyVideoDenoiser().unet_weights()[
         ToyVideoDenoiser.WEIGHT])  # it trained
+
+
+def test_the_commands_video_defaults_are_the_official_recipe():
+    """controlnext_train cannot import the core before ComfyUI is found, so it writes the recipe's values
+    again: they must stay the recipe's."""
+    from controlnext_train import cli
+
+    defaults = cli.build_parser().parse_args([])
+    recipe = vt.OFFICIAL_VIDEO_RECIPE
+    assert (defaults.sample_n_frames, defaults.interval_frame, defaults.width, defaults.height,
+            defaults.conditioning_dropout_prob) == (recipe.frames, recipe.interval_frame, recipe.width, recipe.height,
+                                                    recipe.conditioning_dropout)
+    assert set(cli.TRAIN_UNET_SVD.values()) == set(vt.VIDEO_TRAINED_SETS)

@@ -13,6 +13,7 @@ from host import models_folder, tiny_model  # noqa: F401 (models_folder: a fixtu
 
 from controlnext_testbed.checkpoint_files import random_vae
 from test_host_preprocess import install_tiny_dwpose, model_folders  # noqa: F401 (model_folders: a fixture)
+from train_command_fixtures import write_clips
 
 video_train_nodes = host.importlib.import_module(f"{host.PACK_NAME}.nodes.video_train")
 core_train = host.importlib.import_module(f"{host.PACK_NAME}.controlnext_core.train")
@@ -137,18 +138,9 @@ def clip_vision():
 @pytest.fixture
 def clips_folder(tmp_path, monkeypatch):
     """ComfyUI's input folder with one folder of two clip folders (a square moving down on frames and poses)."""
-    import numpy as np
-    from PIL import Image
-
     root = tmp_path / "input"
     monkeypatch.setattr(host.folder_paths, "input_directory", str(root))
-    for clip in range(2):
-        for part in ("frames", "poses"):
-            (root / "clips" / f"clip{clip}" / part).mkdir(parents=True)
-            for frame in range(6):
-                picture = np.zeros((SIZE, SIZE, 3), np.uint8)
-                picture[4 * frame + 8 * clip:4 * frame + 8 * clip + 24, 16:40] = 255 if part == "poses" else 150
-                Image.fromarray(picture).save(root / "clips" / f"clip{clip}" / part / f"{frame:02d}.png")
+    write_clips(str(root / "clips"), 2, frames=6, size=SIZE)
     return root / "clips"
 
 

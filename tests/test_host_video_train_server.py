@@ -20,7 +20,8 @@ from conftest import PACK_ROOT  # noqa: E402
 from server import (ComfyServer, install_dwpose_models, make_base_directory, queue_command,  # noqa: E402
                     runnable_on_tiny_models)
 from test_host_train_server import release_tensors, wait_for_log  # noqa: E402
-from test_host_workflows import API_WORKFLOWS, DRIVING_FRAMES, RUNS, VIDEO_CLIPS, VIDEO_TRAINING  # noqa: E402
+from test_host_workflows import (API_WORKFLOWS, DRIVING_FRAMES, RUNS, VIDEO_CLIPS, VIDEO_TRAINING,  # noqa: E402
+                                 image_args, images)  # noqa: F401 (images: a fixture)
 from train_command_fixtures import write_clips  # noqa: E402
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
@@ -39,20 +40,15 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def workflow(tmp_path_factory) -> tuple[str, list[str]]:
-    """The template with the tiny checkpoint, and its two pictures: a reference and a driving video."""
-    folder = tmp_path_factory.mktemp("video_train_workflow")
+def workflow(tmp_path_factory, images) -> tuple[str, list[str]]:
+    """The template with the tiny checkpoint, and its two pictures (the workflow tests'): a reference and
+    a driving video."""
+    path = str(tmp_path_factory.mktemp("video_train_workflow") / "training.json")
     with open(os.path.join(API_WORKFLOWS, f"{VIDEO_TRAINING}.json"), encoding="utf-8") as file:
         prompt = runnable_on_tiny_models(json.load(file))
-    path = str(folder / "training.json")
     with open(path, "w", encoding="utf-8") as file:
         json.dump(prompt, file)
-    rng = np.random.default_rng(0)
-    blocks = [Image.fromarray((rng.random((8, 8, 3)) * 255).astype(np.uint8)).resize((64, 64), Image.NEAREST)
-              for _ in range(1 + DRIVING_FRAMES)]
-    blocks[0].save(folder / "reference.png")
-    blocks[1].save(folder / "dance.webp", save_all=True, append_images=blocks[2:], duration=125, loop=0)
-    return path, ["--image", f"Reference={folder / 'reference.png'}", "--image", f"Driving Video={folder / 'dance.webp'}"]
+    return path, image_args(VIDEO_TRAINING, images)
 
 
 def queue_args(server, workflow, out, checkpoint_name: str, steps: int, *extra: str) -> list[str]:
